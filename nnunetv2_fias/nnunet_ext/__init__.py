@@ -1,0 +1,1 @@
+"""Package holding the discovery shim; nnUNet_extTrainer points at this folder."""

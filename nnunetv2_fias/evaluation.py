@@ -233,7 +233,7 @@ def _evaluate_case(task: tuple) -> tuple[str, dict]:
         ref_boxes = ndimage.find_objects(ref, max_label=max(declared))
     results = {}
     for method, pred_file in predictions:
-        pred, pred_spacing = _read_label_map(pred_file, case, f"prediction of {method}")
+        pred, pred_spacing = _read_label_map(pred_file, case, "prediction")
         if pred.shape != ref.shape:
             raise EvaluationError(
                 f"case {case}: prediction {pred_file} has shape {pred.shape} but the reference {ref_file} has "
@@ -242,7 +242,7 @@ def _evaluate_case(task: tuple) -> tuple[str, dict]:
             raise EvaluationError(
                 f"case {case}: prediction {pred_file} has spacing {pred_spacing} but the reference {ref_file} has "
                 f"{spacing} (array axis order); predictions must be in the reference's geometry")
-        pred_boxes = _present_values(pred, declared, case, f"prediction of {method}", pred_file)
+        pred_boxes = _present_values(pred, declared, case, "prediction", pred_file)
         if ignore is not None:
             # The ignore region is excluded from scoring, as nnU-Net does: erase it from both label maps.
             pred = np.where(ignore, 0, pred)
@@ -500,6 +500,7 @@ def _plot(summary: dict, metric: str, ylabel: str, path: Path) -> None:
     ax.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
     ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} per label, {len(summary['cases'])} case(s)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(handles=[Patch(facecolor=colours[i], alpha=0.75, label=m) for i, m in enumerate(methods)],
               fontsize=8, loc="best")
@@ -509,7 +510,7 @@ def _plot(summary: dict, metric: str, ylabel: str, path: Path) -> None:
 
 def _write_outputs(summary: dict, folder: Path, plots: bool) -> None:
     with open(folder / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(summary, f, indent=2, allow_nan=False)
     (folder / "metrics.csv").write_text(_csv_text(summary))
     (folder / "summary.md").write_text(format_markdown(summary))
     if plots:
@@ -538,6 +539,10 @@ def _publish(summary: dict, output: Path, overwrite: bool, plots: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        # mkdtemp creates the folder private (0700); give OUT the permissions a plain mkdir would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         _write_outputs(summary, tmp, plots)
         if out.exists():
             if any(out.iterdir()):

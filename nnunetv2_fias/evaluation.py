@@ -165,8 +165,8 @@ def score_masks(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence
 # Reading and checking one case (runs in worker processes: keep top-level and picklable)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _read_label_map(path: str, case: str, role: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a label map as an integer array (array axis order) and its spacing in the same order."""
+def _read_label_map(path: str, case: str, role: str) -> tuple[np.ndarray, tuple[float, ...], tuple]:
+    """Read a label map: integer array (array axis order), spacing in the same order, (origin, direction)."""
     import SimpleITK as sitk
 
     try:
@@ -180,12 +180,13 @@ def _read_label_map(path: str, case: str, role: str) -> tuple[np.ndarray, tuple[
             f"{image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} component(s)")
     array = sitk.GetArrayFromImage(image)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
+    placement = (image.GetOrigin(), image.GetDirection())
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
             raise EvaluationError(f"case {case}: {role} {path} contains non-integer values; a label map is "
                                   f"expected")
         array = array.astype(np.int32)
-    return array, spacing
+    return array, spacing, placement
 
 
 def _present_values(array: np.ndarray, declared: Sequence[int], case: str, role: str, path: str) -> list:
@@ -225,7 +226,7 @@ def _evaluate_case(task: tuple) -> tuple[str, dict]:
         ``(case, {method: {label_value: metrics}})``.
     """
     case, ref_file, predictions, label_values, declared, ignore_value = task
-    ref, spacing = _read_label_map(ref_file, case, "reference")
+    ref, spacing, ref_placement = _read_label_map(ref_file, case, "reference")
     ref_boxes = _present_values(ref, declared, case, "reference", ref_file)
     ignore = (ref == ignore_value) if ignore_value is not None and ref_boxes[ignore_value - 1] is not None else None
     if ignore is not None:
@@ -233,7 +234,7 @@ def _evaluate_case(task: tuple) -> tuple[str, dict]:
         ref_boxes = ndimage.find_objects(ref, max_label=max(declared))
     results = {}
     for method, pred_file in predictions:
-        pred, pred_spacing = _read_label_map(pred_file, case, "prediction")
+        pred, pred_spacing, pred_placement = _read_label_map(pred_file, case, "prediction")
         if pred.shape != ref.shape:
             raise EvaluationError(
                 f"case {case}: prediction {pred_file} has shape {pred.shape} but the reference {ref_file} has "
@@ -242,6 +243,10 @@ def _evaluate_case(task: tuple) -> tuple[str, dict]:
             raise EvaluationError(
                 f"case {case}: prediction {pred_file} has spacing {pred_spacing} but the reference {ref_file} has "
                 f"{spacing} (array axis order); predictions must be in the reference's geometry")
+        if not all(np.allclose(a, b, atol=1e-3) for a, b in zip(pred_placement, ref_placement)):
+            # Like nnU-Net's dataset check: only a warning, the arrays are still compared voxel by voxel.
+            print(f"warning: case {case}: prediction {pred_file} has a different origin or direction than the "
+                  f"reference {ref_file}; comparing voxel by voxel", file=sys.stderr)
         pred_boxes = _present_values(pred, declared, case, "prediction", pred_file)
         if ignore is not None:
             # The ignore region is excluded from scoring, as nnU-Net does: erase it from both label maps.
@@ -250,11 +255,10 @@ def _evaluate_case(task: tuple) -> tuple[str, dict]:
         per_label = {}
         for value in label_values:
             box = _merge_boxes(ref_boxes[value - 1], pred_boxes[value - 1])
-            if box is None:
-                per_label[value] = score_masks(np.zeros(1, bool), np.zeros(1, bool), (1.0,))
+            if box is None:  # in neither label map
+                per_label[value] = {"dice": 0.0, "hd95_voxel": 0.0, "hd95_mm": None}
             else:
-                per_label[value] = score_masks(pred[box] == value, ref[box] == value,
-                                               spacing)
+                per_label[value] = score_masks(pred[box] == value, ref[box] == value, spacing)
         results[method] = per_label
     return case, results
 

@@ -334,3 +334,20 @@ def test_cli_usage_errors_exit_nonzero(dataset, tmp_path):
         evaluation.main(["-r", str(dataset["ref"])])
     assert e.value.code == 2
     assert not (tmp_path / "o").exists() and not (dataset["pred"] / "eval").exists()
+
+
+def test_float_label_maps_and_origin_mismatch(dataset, capsys):
+    pred = dataset["preds"]["case_00"].astype(np.float32)
+    image = sitk.GetImageFromArray(pred)
+    image.SetSpacing(tuple(float(s) for s in SPACING[::-1]))
+    image.SetOrigin((10.0, 0.0, 0.0))
+    sitk.WriteImage(image, str(dataset["pred"] / "case_00.nii.gz"))
+    # Integral floats are label maps; a shifted origin only warns (nnU-Net's own check does the same).
+    summary = evaluate_folders(dataset["ref"], [dataset["pred"]], labels=["spleen"], num_processes=1)
+    expected = expected_metrics(pred == 1, dataset["refs"]["case_00"] == 1, SPACING)
+    assert_metrics_equal(summary["methods"]["pred_a"]["per_case"]["case_00"]["spleen"], expected)
+    assert "case_00" in capsys.readouterr().err
+    pred[1, 1, 1] = 0.5
+    write(dataset["pred"] / "case_00.nii.gz", pred)
+    with pytest.raises(EvaluationError, match="case_00.*non-integer"):
+        evaluate_folders(dataset["ref"], [dataset["pred"]], num_processes=1)

@@ -32,7 +32,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import multiprocessing
 import os
 import shutil

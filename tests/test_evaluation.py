@@ -239,7 +239,8 @@ def test_cli_compares_folders_and_writes_outputs(dataset, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * (3 * 2 + 2 + 1)
     row = next(r for r in rows if r["method"] == "nnunet/pred" and r["case"] == "case_01" and r["label"] == "liver")
-    assert float(row["dice"]) == pytest.approx(summary["methods"]["nnunet/pred"]["per_case"]["case_01"]["liver"]["dice"])
+    expected_dice = summary["methods"]["nnunet/pred"]["per_case"]["case_01"]["liver"]["dice"]
+    assert float(row["dice"]) == pytest.approx(expected_dice)
     table = (out / "summary.md").read_text().splitlines()
     assert sum(line.startswith("| perfect |") for line in table) == 2
     for png in ("dice.png", "hd95_mm.png", "hd95_voxel.png"):

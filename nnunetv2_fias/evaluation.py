@@ -23,7 +23,8 @@ Python API::
 
     from nnunetv2_fias.evaluation import evaluate_folders
     summary = evaluate_folders("Dataset111_Synapse/labelsTs", ["pred_fias", "pred_nnunet"],
-                               labels=["8", "4", "3", "2", "6", "11", "1", "7"], output="eval_out")
+                               labels=["aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas",
+                                       "spleen", "stomach"], output="eval_out")
     summary["methods"]["pred_fias"]["mean_over_labels"]["dice"]
 """
 from __future__ import annotations
@@ -713,7 +714,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              "predictions, else REF/../dataset.json)")
     parser.add_argument("--labels", nargs="+", metavar="NAME",
                         help="labels to score, by name or integer value, in table order (default: all foreground "
-                             "labels), e.g. the 8 TransUNet organs: --labels 8 4 3 2 6 11 1 7")
+                             "labels), e.g. TransUNet's 8 organs of a 13-label Synapse dataset: --labels aorta "
+                             "gallbladder kidney_left kidney_right liver pancreas spleen stomach")
     parser.add_argument("--names", nargs="+", metavar="NAME",
                         help="method names for the table, one per prediction folder (default: folder names)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must be new or empty)")

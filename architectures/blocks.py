@@ -1,0 +1,273 @@
+"""Building blocks of FIAS: stems, DilateFormer and DMK blocks, Context-Aware Fusion, Monte Carlo attention.
+
+Convolutional parts take their ops as arguments (``norm_op`` + ``norm_kwargs``, ``nonlin`` + ``nonlin_kwargs``), as in
+dynamic-network-architectures. Transformer parts work on channels-last tokens ``(B, H, W, C)``.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Type
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from .attention import GlobalSelfAttention, MultiScaleDilatedAttention
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated normal (std 0.02) for Linear, He (fan-out) for convolutions, unit norms, zero biases."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+                             nn.modules.instancenorm._InstanceNorm)):
+        if getattr(module, "weight", None) is not None:
+            nn.init.ones_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+class ConvNormAct(nn.Sequential):
+    """``conv -> norm -> (nonlin)``; ``groups=channels`` gives a depthwise conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 norm_op: Type[nn.Module] = nn.BatchNorm2d, norm_kwargs: dict | None = None,
+                 nonlin: Type[nn.Module] | None = nn.GELU, nonlin_kwargs: dict | None = None):
+        layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups,
+                            bias=False),
+                  norm_op(out_channels, **(norm_kwargs or {}))]
+        if nonlin is not None:
+            layers.append(nonlin(**(nonlin_kwargs or {})))
+        super().__init__(*layers)
+
+
+class OverlapStem(nn.Sequential):
+    """DilateFormer's overlapping stem to stride 4: 3x3 convs with strides 1, 2, 1, 2, widening to ``out_channels``."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_op=nn.BatchNorm2d, norm_kwargs=None,
+                 nonlin=nn.GELU, nonlin_kwargs=None):
+        half = max(out_channels // 2, 1)
+        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin_kwargs=nonlin_kwargs)
+        super().__init__(
+            ConvNormAct(in_channels, half, 3, 1, nonlin=nonlin, **ops),
+            ConvNormAct(half, half, 3, 2, nonlin=nonlin, **ops),
+            ConvNormAct(half, out_channels, 3, 1, nonlin=nonlin, **ops),
+            ConvNormAct(out_channels, out_channels, 3, 2, nonlin=None, **ops),
+        )
+
+
+class ConvStem(nn.Sequential):
+    """DMK branch stem to stride 4: two 3x3 stride-2 convs with norm and activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_op=nn.BatchNorm2d, norm_kwargs=None,
+                 nonlin=nn.GELU, nonlin_kwargs=None):
+        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+        super().__init__(ConvNormAct(in_channels, max(out_channels // 2, 1), 3, 2, **ops),
+                         ConvNormAct(max(out_channels // 2, 1), out_channels, 3, 2, **ops))
+
+
+class DilateBlock(nn.Module):
+    """DilateFormer block on channels-last tokens.
+
+    ``x = x + dwconv3x3(x)`` (conditional position encoding), ``x = x + DropPath(Attn(LN(x)))``,
+    ``x = x + DropPath(MLP(LN(x)))``. ``attention="msda"`` uses multi-scale dilated attention, ``"global"`` global
+    multi-head self-attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attention: str = "msda", dilations: Sequence[int] = (1, 2, 3),
+                 kernel_size: int = 3, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
+        super().__init__()
+        self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        if attention == "msda":
+            self.attn = MultiScaleDilatedAttention(dim, num_heads, dilations, kernel_size, qkv_bias)
+        elif attention == "global":
+            self.attn = GlobalSelfAttention(dim, num_heads, qkv_bias=qkv_bias)
+        else:
+            raise ValueError(f"attention must be 'msda' or 'global', got {attention!r}")
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A channels-last tensor permuted to NCHW is in torch.channels_last layout: no copy for the conv.
+        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DMKBlock(nn.Module):
+    """Depthwise multi-kernel block: ``y = act(pw(x))``; ``m = sum_k norm(dwconv_k(y))``; ``x + norm(pw(act(m)))``.
+
+    Args:
+        channels: input/output width.
+        kernel_sizes: the parallel depthwise kernels (default 3, 5, 7).
+        expansion: hidden width factor of the inverted bottleneck.
+        drop_path: stochastic depth rate of the residual branch.
+    """
+
+    def __init__(self, channels: int, kernel_sizes: Sequence[int] = (3, 5, 7), expansion: float = 2.0,
+                 drop_path: float = 0.0, norm_op=nn.BatchNorm2d, norm_kwargs=None, nonlin=nn.GELU, nonlin_kwargs=None):
+        super().__init__()
+        if not kernel_sizes or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
+            raise ValueError(f"dmk_kernel_sizes must be positive odd integers, got {tuple(kernel_sizes)}")
+        hidden = max(int(round(channels * expansion)), 1)
+        self.expand = ConvNormAct(channels, hidden, 1, norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin,
+                                  nonlin_kwargs=nonlin_kwargs)
+        self.dwconvs = nn.ModuleList(
+            ConvNormAct(hidden, hidden, k, groups=hidden, norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=None)
+            for k in kernel_sizes)
+        self.act = nonlin(**(nonlin_kwargs or {}))
+        self.project = ConvNormAct(hidden, channels, 1, norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=None)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.expand(x)
+        m = self.dwconvs[0](y)
+        for conv in self.dwconvs[1:]:
+            m = m + conv(y)
+        return x + self.drop_path(self.project(self.act(m)))
+
+
+CAF_VARIANTS = ("select", "sigmoid", "concat")
+
+
+class ContextAwareFusion(nn.Module):
+    """Context-Aware Fusion of the global (G) and local (L) features of one stage: ``F = a_G * G + a_L * L``.
+
+    Variants:
+        ``"select"`` (default): selective-kernel gating. ``z = act(LN(fc(GAP(G + L))))``; two heads give per-channel
+            logits; a softmax across the two branches gives ``a_G + a_L = 1``.
+        ``"sigmoid"``: one head, ``a_G = sigmoid(.)``, ``a_L = 1 - a_G`` (per channel).
+        ``"concat"``: channel logits from ``GAP(concat(G, L))`` plus spatial logits from a 7x7 conv over the
+            channel-mean/-max of the concatenation; ``a_G = sigmoid(channel + spatial)`` per channel and position.
+
+    After each forward pass ``last_global_weight`` holds the mean ``a_G`` (a scalar buffer, not saved in the
+    state dict): it makes the balance between the branches observable.
+
+    Args:
+        channels: width of G and L.
+        variant: one of ``CAF_VARIANTS``.
+        reduction: hidden width is ``max(channels // reduction, min_hidden)``.
+        min_hidden: lower bound of the hidden width.
+    """
+
+    def __init__(self, channels: int, variant: str = "select", reduction: int = 4, min_hidden: int = 16):
+        super().__init__()
+        if variant not in CAF_VARIANTS:
+            raise ValueError(f"caf_variant must be one of {CAF_VARIANTS}, got {variant!r}")
+        if reduction < 1:
+            raise ValueError(f"caf_reduction must be >= 1, got {reduction}")
+        self.variant = variant
+        hidden = max(channels // reduction, min_hidden)
+        in_features = 2 * channels if variant == "concat" else channels
+        # LayerNorm, not BatchNorm: the descriptor is one vector per sample, and BN fails on batch size 1.
+        self.squeeze = nn.Sequential(nn.Linear(in_features, hidden), nn.LayerNorm(hidden), nn.GELU())
+        self.heads = nn.Linear(hidden, 2 * channels if variant == "select" else channels)
+        if variant == "concat":
+            self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+        self.register_buffer("last_global_weight", torch.full((), float("nan")), persistent=False)
+
+    def branch_weights(self, g: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(a_G, a_L)``, broadcastable to ``g``, with ``a_G + a_L == 1``."""
+        b, c = g.shape[:2]
+        if self.variant == "concat":
+            u = torch.cat([g, l], dim=1)
+            channel = self.heads(self.squeeze(u.mean((2, 3)))).view(b, c, 1, 1)
+            spatial = self.spatial(torch.cat([u.mean(1, keepdim=True), u.amax(1, keepdim=True)], dim=1))
+            a_g = torch.sigmoid(channel + spatial)
+            return a_g, 1 - a_g
+        z = self.squeeze((g + l).mean((2, 3)))
+        if self.variant == "sigmoid":
+            a_g = torch.sigmoid(self.heads(z)).view(b, c, 1, 1)
+            return a_g, 1 - a_g
+        a = self.heads(z).view(b, 2, c, 1, 1).softmax(dim=1)
+        return a[:, 0], a[:, 1]
+
+    def forward(self, g: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        a_g, a_l = self.branch_weights(g, l)
+        with torch.no_grad():
+            self.last_global_weight.copy_(a_g.mean())
+        return a_g * g + a_l * l
+
+
+class MonteCarloAttention(nn.Module):
+    """SvANet's Monte Carlo channel attention: ``out = x * sigmoid(fc2(relu(fc1(descriptor(x)))))``.
+
+    In training the descriptor is stochastic: a pooling size ``k`` is drawn from ``pool_sizes``, the spatial positions
+    are shuffled, and one cell of the ``k x k`` average pooling is taken. A random cell of a pooled random
+    permutation is the mean over a random subset of ``H*W / k**2`` positions, which is what is computed (no full
+    shuffled copy). All candidates are computed and one is selected by a random index, so the graph is static under
+    ``torch.compile``. In evaluation the descriptor is global average pooling.
+
+    Args:
+        channels: width of ``x``.
+        pool_sizes: candidate pooling sizes (SvANet: 1, 2, 3).
+        reduction: hidden width is ``max(channels // reduction, min_hidden)``.
+        min_hidden: lower bound of the hidden width.
+    """
+
+    def __init__(self, channels: int, pool_sizes: Sequence[int] = (1, 2, 3), reduction: int = 4, min_hidden: int = 32):
+        super().__init__()
+        pool_sizes = tuple(int(k) for k in pool_sizes)
+        if not pool_sizes or any(k < 1 for k in pool_sizes):
+            raise ValueError(f"mc_pool_sizes must be a non-empty sequence of integers >= 1, got {pool_sizes}")
+        self.pool_sizes = pool_sizes
+        hidden = max(channels // reduction, min_hidden)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def descriptor(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x.mean((2, 3))
+        n = x.shape[2] * x.shape[3]
+        flat = x.flatten(2)
+        perm = torch.randperm(n, device=x.device)
+        candidates = []
+        for k in self.pool_sizes:
+            size = max(n // (k * k), 1)
+            candidates.append(flat.mean(-1) if size >= n else flat.index_select(2, perm[:size]).mean(-1))
+        choice = torch.randint(len(candidates), (1,), device=x.device)
+        return torch.stack(candidates).index_select(0, choice).squeeze(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(self.descriptor(x)))))
+        return x * w[:, :, None, None]
+
+
+class MixAttBlock(nn.Module):
+    """One MixAtt decoder stage.
+
+    ``X = ConvNormAct(concat(up(D), F_s))``; ``S = SelfAttention(LN(X))``; ``M = MCAttn(X)``;
+    ``D_s = ConvNormAct(X + S + M)``.
+
+    Args:
+        in_channels: width of the coarser decoder feature ``D``.
+        skip_channels: width of the fused encoder feature ``F_s``; also the output width.
+        num_heads: heads of the self-attention.
+        kv_reduction: key/value average-pooling factor of the self-attention.
+        mc_pool_sizes: Monte Carlo attention pooling sizes.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, num_heads: int, kv_reduction: int = 1,
+                 mc_pool_sizes: Sequence[int] = (1, 2, 3), norm_op=nn.BatchNorm2d, norm_kwargs=None, nonlin=nn.GELU,
+                 nonlin_kwargs=None):
+        super().__init__()
+        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+        self.fuse = ConvNormAct(in_channels + skip_channels, skip_channels, 3, **ops)
+        self.norm = nn.LayerNorm(skip_channels)
+        self.attn = GlobalSelfAttention(skip_channels, num_heads, kv_reduction)
+        self.mc_attn = MonteCarloAttention(skip_channels, mc_pool_sizes)
+        self.out = ConvNormAct(skip_channels, skip_channels, 3, **ops)
+
+    def forward(self, d: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        d = F.interpolate(d, size=skip.shape[2:], mode="bilinear", align_corners=False)
+        x = self.fuse(torch.cat([d, skip], dim=1))
+        s = self.attn(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return self.out(x + s + self.mc_attn(x))

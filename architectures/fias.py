@@ -1,0 +1,282 @@
+"""The FIAS network: dual-path encoder (DilateFormer + DMK) -> CAF per stage -> MixAtt decoder.
+
+Only the component names are fixed by the FIAS paper; everything below them is a reconstruction from the component
+papers (DilateFormer, SvANet) and common practice, and each such choice is a constructor argument (see
+``../shared/design/architecture.md`` and the README).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (CAF_VARIANTS, ContextAwareFusion, ConvNormAct, ConvStem, DMKBlock, DilateBlock, MixAttBlock,
+                     OverlapStem, init_weights)
+
+FIAS_PRESETS: dict[str, dict] = {
+    # DilateFormer-Tiny/Small/Base layouts for the global branch.
+    "T": dict(widths=(72, 144, 288, 576), global_depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+              local_depths=(2, 2, 2, 2)),
+    "S": dict(widths=(72, 144, 288, 576), global_depths=(3, 5, 8, 3), num_heads=(3, 6, 12, 24),
+              local_depths=(2, 2, 2, 2)),
+    "B": dict(widths=(96, 192, 384, 768), global_depths=(4, 8, 10, 3), num_heads=(3, 6, 12, 24),
+              local_depths=(3, 3, 3, 3)),
+}
+
+STAGE_STRIDES = (4, 8, 16, 32)
+
+
+def _four(name: str, value, cast=int) -> tuple:
+    value = tuple(cast(v) for v in value)
+    if len(value) != 4:
+        raise ValueError(f"{name} needs one value per stage (4), got {len(value)}: {value}")
+    return value
+
+
+class DilateFormerBranch(nn.Module):
+    """Global branch: overlapping stem, then per stage (downsampling for stages 2-4 and) DilateFormer blocks.
+
+    Stages listed in ``msda_stages`` use multi-scale dilated attention, the others global self-attention.
+    Returns the NCHW feature of every stage (taken before the next downsampling).
+    """
+
+    def __init__(self, in_channels, widths, depths, num_heads, msda_stages, dilations, kernel_size, mlp_ratio,
+                 qkv_bias, drop_path_rates, norm_op, norm_kwargs):
+        super().__init__()
+        self.stem = OverlapStem(in_channels, widths[0], norm_op, norm_kwargs)
+        self.downsamples = nn.ModuleList(
+            [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, 2, norm_op=norm_op, norm_kwargs=norm_kwargs,
+                                           nonlin=None) for s in range(1, 4)])
+        rates = iter(drop_path_rates)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*[DilateBlock(widths[s], num_heads[s], "msda" if s in msda_stages else "global", dilations,
+                                        kernel_size, mlp_ratio, qkv_bias, next(rates)) for _ in range(depths[s])])
+            for s in range(4))
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        features = []
+        for down, stage, norm in zip(self.downsamples, self.stages, self.norms):
+            x = down(x)
+            x = norm(stage(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            features.append(x)
+        return features
+
+
+class DMKBranch(nn.Module):
+    """Local branch: conv stem, then per stage (downsampling for stages 2-4 and) depthwise multi-kernel blocks."""
+
+    def __init__(self, in_channels, widths, depths, kernel_sizes, expansion, drop_path_rates, norm_op, norm_kwargs,
+                 nonlin):
+        super().__init__()
+        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs)
+        self.stem = ConvStem(in_channels, widths[0], nonlin=nonlin, **ops)
+        self.downsamples = nn.ModuleList(
+            [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, 2, nonlin=None, **ops) for s in range(1, 4)])
+        rates = iter(drop_path_rates)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*[DMKBlock(widths[s], kernel_sizes, expansion, next(rates), nonlin=nonlin, **ops)
+                            for _ in range(depths[s])])
+            for s in range(4))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        features = []
+        for down, stage in zip(self.downsamples, self.stages):
+            x = stage(down(x))
+            features.append(x)
+        return features
+
+
+class DualPathEncoder(nn.Module):
+    """DilateFormer (global) and DMK (local) branches fused per stage by Context-Aware Fusion.
+
+    Publishes its topology for the decoder: ``output_channels`` (per stage) and ``strides`` (per stage, w.r.t. the
+    input).
+    """
+
+    def __init__(self, global_branch: DilateFormerBranch, local_branch: DMKBranch, widths: Sequence[int],
+                 caf_variant: str, caf_reduction: int):
+        super().__init__()
+        self.global_branch, self.local_branch = global_branch, local_branch
+        self.fusions = nn.ModuleList(ContextAwareFusion(w, caf_variant, caf_reduction) for w in widths)
+        self.output_channels = tuple(widths)
+        self.strides = STAGE_STRIDES
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [caf(g, l) for caf, g, l in zip(self.fusions, self.global_branch(x), self.local_branch(x))]
+
+
+class MixAttDecoder(nn.Module):
+    """MixAtt decoder built from the encoder's topology, with a main head (stride 4, upsampled to the input) and
+    auxiliary heads on the stride 8, 16 and 32 features.
+
+    ``deep_supervision`` is a plain attribute that nnU-Net toggles at run time; the set of parameters never depends
+    on it.
+    """
+
+    def __init__(self, encoder: DualPathEncoder, num_classes: int, num_heads: Sequence[int],
+                 kv_reduction: Sequence[int], mc_pool_sizes: Sequence[int], deep_supervision: bool, norm_op,
+                 norm_kwargs, nonlin):
+        super().__init__()
+        ch = encoder.output_channels
+        self.deep_supervision = deep_supervision
+        self.stages = nn.ModuleList(
+            MixAttBlock(ch[s + 1], ch[s], num_heads[s], kv_reduction[s], mc_pool_sizes, norm_op, norm_kwargs, nonlin)
+            for s in (2, 1, 0))  # coarse to fine
+        self.main_head = nn.Conv2d(ch[0], num_classes, 1)
+        self.aux_heads = nn.ModuleList(nn.Conv2d(ch[s], num_classes, 1) for s in (1, 2, 3))
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Returns logits on the padded grid: ``[main (stride 4)]`` or ``[main, aux s8, aux s16, aux s32]``."""
+        decoded = [features[3]]  # D_4 = F_4
+        for block, skip in zip(self.stages, (features[2], features[1], features[0])):
+            decoded.append(block(decoded[-1], skip))
+        d4, d3, d2, d1 = decoded
+        main = self.main_head(d1)
+        if self.deep_supervision:
+            return [main] + [head(d) for head, d in zip(self.aux_heads, (d2, d3, d4))]
+        if self.training:
+            # Keep the auxiliary heads in the graph with a zero contribution, so DistributedDataParallel without
+            # find_unused_parameters (nnU-Net's -num_gpus) also works when training without deep supervision.
+            main = main + 0.0 * sum(p.sum() for p in self.aux_heads.parameters())
+        return [main]
+
+
+class FIAS(nn.Module):
+    """FIAS: Feature Imbalance-Aware Segmentation network (2D).
+
+    Args:
+        input_channels: number of input channels (any).
+        num_classes: number of output channels (nnU-Net: labels incl. background, or regions).
+        preset: ``"T"`` (default), ``"S"`` or ``"B"``, see ``FIAS_PRESETS``; explicit arguments override it.
+        deep_supervision: return ``[main, aux s8, aux s16, aux s32]`` instead of the main output only. Switchable at
+            run time through ``network.decoder.deep_supervision``.
+        widths: channels per stage (both branches).
+        global_depths: DilateFormer blocks per stage.
+        num_heads: attention heads per stage (encoder and decoder).
+        local_depths: DMK blocks per stage.
+        msda_stages: 0-based stages using multi-scale dilated attention (default the first two); others use global
+            self-attention.
+        dilations: MSDA dilation rates, one head group each (default 1, 2, 3, as DilateFormer).
+        kernel_size: MSDA neighbourhood (default 3).
+        mlp_ratio: MLP hidden width factor in DilateFormer blocks (default 4).
+        qkv_bias: bias in the attention projections.
+        drop_path_rate: stochastic depth rising linearly to this rate over each branch's blocks (default 0.1).
+        dmk_kernel_sizes: parallel depthwise kernels of the DMK blocks (default 3, 5, 7).
+        dmk_expansion: hidden width factor of the DMK blocks (default 2).
+        caf_variant: ``"select"`` (default, softmax across branches), ``"sigmoid"`` or ``"concat"``.
+        caf_reduction: CAF hidden width is ``max(C // caf_reduction, 16)`` (default 4).
+        decoder_kv_reduction: key/value pooling of the decoder self-attention at strides 4, 8, 16
+            (default 4, 2, 1: 1/16 of the keys at stride 4, 1/4 at stride 8, all at stride 16).
+        mc_pool_sizes: Monte Carlo attention pooling sizes (default 1, 2, 3, as SvANet).
+        norm_op, norm_kwargs: normalisation of the convolutional parts (default BatchNorm2d).
+        nonlin: activation of the convolutional parts (default GELU).
+
+    The input is zero-padded (bottom/right) to a multiple of 32 and every output is cropped back, so any 2D size
+    works: the main output has the input's size, auxiliary outputs ``max(1, round(size / stride))`` per axis
+    (see :meth:`get_deep_supervision_scales`).
+
+    Example:
+        >>> net = FIAS(1, 9, preset="T", deep_supervision=True)
+        >>> [o.shape[2:] for o in net(torch.randn(2, 1, 40, 224))]
+        [torch.Size([40, 224]), torch.Size([5, 28]), torch.Size([2, 14]), torch.Size([1, 7])]
+    """
+
+    output_strides = (1,) + STAGE_STRIDES[1:]
+    size_divisor = STAGE_STRIDES[-1]
+
+    def __init__(self, input_channels: int, num_classes: int, preset: str = "T", deep_supervision: bool = False, *,
+                 widths: Sequence[int] | None = None, global_depths: Sequence[int] | None = None,
+                 num_heads: Sequence[int] | None = None, local_depths: Sequence[int] | None = None,
+                 msda_stages: Sequence[int] = (0, 1), dilations: Sequence[int] = (1, 2, 3), kernel_size: int = 3,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.1,
+                 dmk_kernel_sizes: Sequence[int] = (3, 5, 7), dmk_expansion: float = 2.0,
+                 caf_variant: str = "select", caf_reduction: int = 4,
+                 decoder_kv_reduction: Sequence[int] = (4, 2, 1), mc_pool_sizes: Sequence[int] = (1, 2, 3),
+                 norm_op: type[nn.Module] = nn.BatchNorm2d, norm_kwargs: dict | None = None,
+                 nonlin: type[nn.Module] = nn.GELU):
+        super().__init__()
+        if preset not in FIAS_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(FIAS_PRESETS)}, got {preset!r}")
+        if input_channels < 1 or num_classes < 1:
+            raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels} and {num_classes}")
+        cfg = FIAS_PRESETS[preset]
+        widths = _four("widths", widths if widths is not None else cfg["widths"])
+        global_depths = _four("global_depths", global_depths if global_depths is not None else cfg["global_depths"])
+        num_heads = _four("num_heads", num_heads if num_heads is not None else cfg["num_heads"])
+        local_depths = _four("local_depths", local_depths if local_depths is not None else cfg["local_depths"])
+        for name, seq, low in (("widths", widths, 1), ("global_depths", global_depths, 0),
+                               ("num_heads", num_heads, 1), ("local_depths", local_depths, 0)):
+            if min(seq) < low:
+                raise ValueError(f"{name} must be >= {low} per stage, got {seq}")
+        for s, (w, h) in enumerate(zip(widths, num_heads)):
+            if w % h:
+                raise ValueError(f"num_heads[{s}]={h} must divide widths[{s}]={w}")
+        msda_stages = tuple(int(s) for s in msda_stages)
+        if any(s not in range(4) for s in msda_stages):
+            raise ValueError(f"msda_stages must hold stage indices 0..3, got {msda_stages}")
+        for s in msda_stages:
+            if num_heads[s] % len(dilations):
+                raise ValueError(f"num_heads[{s}]={num_heads[s]} must be divisible by the number of dilation rates "
+                                 f"{len(tuple(dilations))} (dilations={tuple(dilations)}), since stage {s} uses MSDA")
+        decoder_kv_reduction = tuple(int(r) for r in decoder_kv_reduction)
+        if len(decoder_kv_reduction) != 3 or min(decoder_kv_reduction) < 1:
+            raise ValueError("decoder_kv_reduction needs three factors >= 1 (strides 4, 8, 16), "
+                             f"got {decoder_kv_reduction}")
+        if caf_variant not in CAF_VARIANTS:
+            raise ValueError(f"caf_variant must be one of {CAF_VARIANTS}, got {caf_variant!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+
+        self.input_channels, self.num_classes = input_channels, num_classes
+        self.preset = preset
+        g_rates = torch.linspace(0, drop_path_rate, sum(global_depths)).tolist()
+        l_rates = torch.linspace(0, drop_path_rate, sum(local_depths)).tolist()
+        global_branch = DilateFormerBranch(input_channels, widths, global_depths, num_heads, msda_stages, dilations,
+                                           kernel_size, mlp_ratio, qkv_bias, g_rates, norm_op, norm_kwargs)
+        local_branch = DMKBranch(input_channels, widths, local_depths, dmk_kernel_sizes, dmk_expansion, l_rates,
+                                 norm_op, norm_kwargs, nonlin)
+        self.encoder = DualPathEncoder(global_branch, local_branch, widths, caf_variant, caf_reduction)
+        self.decoder = MixAttDecoder(self.encoder, num_classes, num_heads, decoder_kv_reduction, mc_pool_sizes,
+                                     deep_supervision, norm_op, norm_kwargs, nonlin)
+        self.apply(init_weights)
+
+    def output_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
+        """Spatial size of every output (main first) for an input of spatial ``size``."""
+        size = tuple(int(s) for s in size)
+        return [size] + [tuple(max(1, round(s / stride)) for s in size) for stride in self.output_strides[1:]]
+
+    def get_deep_supervision_scales(self, patch_size: Sequence[int]) -> list[list[float]]:
+        """Per-output, per-axis scales such that ``round(patch_size * scale)`` is exactly each output's size.
+
+        This is what nnU-Net's ``_get_deep_supervision_scales`` must return for the targets to match the outputs.
+        """
+        patch_size = tuple(int(s) for s in patch_size)
+        return [[o / p for o, p in zip(out, patch_size)] for out in self.output_sizes(patch_size)]
+
+    def caf_global_weights(self) -> list[float]:
+        """Mean weight of the global (DilateFormer) branch per stage in the last forward pass (NaN before any)."""
+        return [float(caf.last_global_weight) for caf in self.encoder.fusions]
+
+    def forward(self, x: torch.Tensor):
+        if x.ndim != 4:
+            raise ValueError(f"FIAS is a 2D network and expects input of shape (B, C, H, W), got {tuple(x.shape)}"
+                             + (" (a 3D patch: use nnU-Net's 2d configuration)" if x.ndim == 5 else ""))
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
+        size = x.shape[2:]
+        div = self.size_divisor
+        pad_h, pad_w = (-size[0]) % div, (-size[1]) % div
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        outputs = self.decoder(self.encoder(x))
+        padded = (size[0] + pad_h, size[1] + pad_w)
+        # Main head is at stride 4: upsample to the padded input, then crop everything to the unpadded extent.
+        outputs[0] = F.interpolate(outputs[0], size=padded, mode="bilinear", align_corners=False)
+        outputs = [o[:, :, :h, :w] for o, (h, w) in zip(outputs, self.output_sizes(size))]
+        return outputs if self.decoder.deep_supervision else outputs[0]

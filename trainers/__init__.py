@@ -1,1 +1,14 @@
+"""nnU-Net trainers for FIAS. nnU-Net finds them by class name through the shim in ``nnunetv2_fias/nnunet_ext``
+(``eval "$(nnunetv2_fias env)"``).
 
+>>> from nnunetv2_fias.trainers import FIASTrainer
+"""
+from .fias_trainer import FIASTrainer, WarmupPolyLRScheduler
+from .variants import (FIASTrainer_5epochs, FIASTrainer_100epochs, FIASTrainer_250epochs, FIASTrainer_B,
+                       FIASTrainer_S, FIASTrainerNoAMP, FIASTrainerNoDS)
+
+# Every trainer class nnU-Net can be asked for with -tr (also re-exported by the discovery shim).
+TRAINERS = (FIASTrainer, FIASTrainer_5epochs, FIASTrainer_100epochs, FIASTrainer_250epochs, FIASTrainerNoDS,
+            FIASTrainerNoAMP, FIASTrainer_S, FIASTrainer_B)
+
+__all__ = [cls.__name__ for cls in TRAINERS] + ["TRAINERS", "WarmupPolyLRScheduler"]

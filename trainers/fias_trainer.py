@@ -1,0 +1,379 @@
+"""FIASTrainer: nnU-Net's trainer with the FIAS network, AdamW with warm-up and poly decay, and CAF monitoring.
+
+Everything that changes a training is a class attribute or an attribute set in ``__init__`` (nnU-Net stores only
+the trainer's class name in checkpoints, so a variant's name is its configuration, see ``variants.py``).
+
+Defaults and why:
+
+* ``initial_lr = 3e-4``, ``weight_decay = 0.05``, ``betas = (0.9, 0.98)``, ``grad_clip_norm = 1.0``: nnU-Net's own
+  recipe for attention networks (the Primus trainers). FIAS mixes attention and convolutions; nnU-Net's SGD at
+  lr 1e-2 with momentum 0.99 makes attention logits explode in the first epochs. The 0.05 decay is DilateFormer's
+  ImageNet setting; it is not applied to biases and normalisation weights (1-D tensors), as in DilateFormer/timm.
+  beta2 = 0.98 makes the second-moment estimate react faster after the warm-up; the clip norm of 1 is the usual
+  transformer value (nnU-Net's CNN default is 12).
+* Warm-up: linear over the first ``warmup_fraction = 5 %`` of the epochs (50 of 1000, Primus' length), then
+  nnU-Net's poly decay (exponent 0.9) over the rest. Both are functions of the epoch only, stepped where nnU-Net
+  steps its scheduler, so ``--c`` resumes the schedule exactly.
+* Deep supervision: the four outputs the network returns (full resolution, strides 8, 16, 32) with weights
+  ``1/2**i``, none zeroed, normalised. nnU-Net's default gives the coarsest output weight 0; its head would then get
+  no gradient, which breaks DistributedDataParallel without ``find_unused_parameters`` (``-num_gpus``), and FIAS'
+  stride-32 head is a trained head, not a by-product.
+* Epochs, iterations and batch size stay nnU-Net's (1000 x 250, batch from the plans) so FIAS and nnUNetTrainer
+  compare at equal budget.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.lr_scheduler import _LRScheduler
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+CAF_JSON = "caf_balance.json"
+CAF_PNG = "caf_balance.png"
+
+
+class WarmupPolyLRScheduler(_LRScheduler):
+    """Linear warm-up for ``warmup_epochs`` epochs, then poly decay to 0 at ``num_epochs``.
+
+    Stateless in the epoch (``step(epoch)``), like nnU-Net's ``PolyLRScheduler``, so that resuming from a checkpoint
+    needs no scheduler state. Epoch ``e < warmup_epochs`` gets ``lr * (e + 1) / (warmup_epochs + 1)``; from
+    ``warmup_epochs`` on, ``lr * (1 - (e - w) / (num_epochs - w)) ** exponent``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, num_epochs: int, warmup_epochs: int,
+                 exponent: float = 0.9):
+        if num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+        if not 0 <= warmup_epochs < num_epochs:
+            raise ValueError(f"warmup_epochs must be in [0, num_epochs={num_epochs}), got {warmup_epochs}")
+        self.initial_lr, self.num_epochs, self.warmup_epochs, self.exponent = initial_lr, num_epochs, warmup_epochs, exponent
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of ``epoch`` (0-based)."""
+        w = self.warmup_epochs
+        if epoch < w:
+            return self.initial_lr * (epoch + 1) / (w + 1)
+        progress = min(1.0, (epoch - w) / (self.num_epochs - w))
+        return self.initial_lr * (1.0 - progress) ** self.exponent
+
+    def step(self, current_step: int | None = None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        lr = self.lr_at(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self):
+        return self._last_lr
+
+
+def _require_2d(patch_size: Sequence[int], configuration: str, trainer_name: str) -> None:
+    if len(patch_size) != 2:
+        raise ValueError(
+            f"{trainer_name} trains the 2D FIAS network, but configuration '{configuration}' has a "
+            f"{len(patch_size)}D patch size {list(patch_size)}. Use the 2d configuration: nnUNetv2_train DATASET 2d "
+            f"FOLD -tr {trainer_name} (plan it with nnUNetv2_plan_and_preprocess -d DATASET -c 2d). A 3D FIAS does "
+            f"not exist yet.")
+
+
+class _AutocastOff(nn.Module):
+    """Runs the wrapped network in float32 even inside nnU-Net's autocast region (NoAMP validation)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.net(x.float())
+
+
+class FIASTrainer(nnUNetTrainer):
+    """nnU-Net trainer for the 2D FIAS network (``-tr FIASTrainer -c 2d``).
+
+    Class attributes (set by variants; read at inference too, where nnU-Net calls
+    :meth:`build_network_architecture` on the class):
+
+    * ``fias_preset``: network size, ``"T"``, ``"S"`` or ``"B"``.
+    * ``fias_overrides``: keyword arguments passed on to ``FIAS`` (e.g. ``{"caf_variant": "sigmoid"}``).
+
+    Training attributes set in ``__init__`` (override them in a subclass ``__init__``): ``initial_lr``,
+    ``weight_decay``, ``betas``, ``warmup_fraction``, ``grad_clip_norm``, ``use_amp`` and nnU-Net's own
+    (``num_epochs``, ``num_iterations_per_epoch``, ``enable_deep_supervision``...). See the module docstring for the
+    defaults' rationale.
+    """
+
+    fias_preset: str = "T"
+    fias_overrides: Mapping = MappingProxyType({})
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # Checked before nnU-Net creates the output folder, so a wrong -c leaves nothing behind.
+        _require_2d(PlansManager(plans).get_configuration(configuration).patch_size, configuration,
+                    self.__class__.__name__)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 3e-4
+        self.weight_decay = 5e-2
+        self.betas = (0.9, 0.98)
+        self.warmup_fraction = 0.05
+        self.grad_clip_norm = 1.0
+        self.use_amp = True
+        self._caf_epoch_values: list[np.ndarray] = []
+        self._caf_history: dict[int, list[float]] = {}
+
+    # ------------------------------------------------------------------ network
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """Builds FIAS from the class attributes; nnU-Net calls this on the instance (training) and on the class
+        (inference, with deep supervision off, followed by a strict ``load_state_dict``)."""
+        from nnunetv2_fias.architectures import FIAS
+
+        _require_2d(configuration_manager.patch_size, configuration_manager.data_identifier, cls.__name__)
+        return FIAS(num_input_channels, num_output_channels, preset=cls.fias_preset,
+                    deep_supervision=enable_deep_supervision, **dict(cls.fias_overrides))
+
+    def _fias(self) -> nn.Module:
+        """The bare FIAS module behind DDP and torch.compile wrappers."""
+        mod = self.network
+        if mod is None:
+            raise RuntimeError(f"{self.__class__.__name__}: the network is built in initialize(); call it first")
+        if isinstance(mod, DDP):
+            mod = mod.module
+        if isinstance(mod, OptimizedModule):
+            mod = mod._orig_mod
+        return mod
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        return self._fias().get_deep_supervision_scales(self.configuration_manager.patch_size)
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        if self.enable_deep_supervision:
+            n = len(self._get_deep_supervision_scales())
+            weights = np.array([1 / 2 ** i for i in range(n)])
+            loss.weight_factors = tuple(float(w) for w in weights / weights.sum())
+        return loss
+
+    # ---------------------------------------------------------------- optimizer
+    def _amp_active(self) -> bool:
+        return self.use_amp and self.device.type == "cuda"
+
+    def _warmup_epochs(self) -> int:
+        if self.num_epochs <= 1:
+            return 0
+        return min(self.num_epochs - 1, max(1, round(self.warmup_fraction * self.num_epochs)))
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.network.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=tuple(self.betas),
+                                      fused=self.device.type == "cuda")
+        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self._warmup_epochs())
+        return optimizer, scheduler
+
+    def initialize(self):
+        super().initialize()
+        if not self._amp_active():
+            self.grad_scaler = None
+
+    # ----------------------------------------------------------------- training
+    def _autocast(self):
+        return torch.autocast(self.device.type, enabled=True) if self._amp_active() else dummy_context()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.network(data)
+            loss = self.loss(output, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self.optimizer.step()
+        loss_value = loss.detach().cpu().numpy()  # synchronises, so reading the CAF buffers below is free
+        self._caf_epoch_values.append(np.asarray(self._fias().caf_global_weights(), dtype=np.float64))
+        return {"loss": loss_value}
+
+    def validation_step(self, batch: dict) -> dict:
+        if self._amp_active() or self.device.type != "cuda":
+            return super().validation_step(batch)
+        # nnU-Net's validation step always autocasts on CUDA; without AMP the forward pass must stay float32.
+        network = self.network
+        self.network = _AutocastOff(network)
+        try:
+            return super().validation_step(batch)
+        finally:
+            self.network = network
+
+    # ------------------------------------------------------------------ logging
+    def on_train_start(self):
+        super().on_train_start()
+        self._load_caf_history()
+        self._log_setup()
+
+    def _log_setup(self) -> None:
+        net = self._fias()
+        n_params = sum(p.numel() for p in net.parameters())
+        patch = list(self.configuration_manager.patch_size)
+        flops = self._count_flops(net, patch)
+        overrides = dict(self.fias_overrides)
+        self.print_to_log_file(
+            f"FIAS preset {self.fias_preset}" + (f" with overrides {overrides}" if overrides else "")
+            + f": {n_params / 1e6:.2f} M parameters, "
+            + (f"{flops / 1e9:.2f} GFLOPs" if flops is not None else "FLOPs not countable")
+            + f" per forward pass of one {'x'.join(map(str, patch))} patch "
+              f"({self.num_input_channels} input channel(s), {self.label_manager.num_segmentation_heads} outputs)")
+        self.print_to_log_file(
+            f"Optimizer: AdamW lr {self.initial_lr:g}, betas {tuple(self.betas)}, weight decay {self.weight_decay:g} "
+            f"(not on biases/norms), linear warm-up {self._warmup_epochs()} of {self.num_epochs} epochs then poly "
+            f"0.9, gradient clipping at norm {self.grad_clip_norm:g}; batch size {self.batch_size}, "
+            f"{self.num_iterations_per_epoch} iterations per epoch")
+        if self._amp_active():
+            amp = "on (float16 autocast + GradScaler)"
+        elif self.device.type != "cuda":
+            amp = f"off (device {self.device.type}: nnU-Net autocasts on CUDA only)"
+        else:
+            amp = "off (use_amp = False: float32 training)"
+        self.print_to_log_file(f"AMP: {amp}")
+        if self.enable_deep_supervision:
+            scales = self._get_deep_supervision_scales()
+            self.print_to_log_file(
+                f"Deep supervision: {len(scales)} outputs at scales {[[round(s, 4) for s in sc] for sc in scales]}, "
+                f"loss weights {[round(w, 4) for w in self.loss.weight_factors]}")
+        else:
+            self.print_to_log_file("Deep supervision: off (main output only)")
+
+    def _count_flops(self, net: nn.Module, patch: list[int]) -> float | None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        was_training = net.training
+        net.eval()
+        try:
+            x = torch.zeros((1, self.num_input_channels, *patch), device=self.device)
+            counter = FlopCounterMode(display=False)
+            with torch.no_grad(), counter:
+                net(x)
+            return float(counter.get_total_flops())
+        except Exception as e:  # FLOPs are informative only; never fail a training over them
+            self.print_to_log_file(f"Could not count FLOPs: {type(e).__name__}: {e}")
+            return None
+        finally:
+            net.train(was_training)
+
+    def on_train_epoch_start(self):
+        self._caf_epoch_values = []
+        super().on_train_epoch_start()
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        loss = self.logger.get_value("train_losses", step=-1)
+        if not np.isfinite(loss):
+            self.print_to_log_file(
+                f"WARNING: the training loss is {loss}. If this persists, train with FIASTrainerNoAMP (float32) or "
+                f"a lower initial_lr.")
+
+    def on_epoch_end(self):
+        self._record_caf_epoch()
+        super().on_epoch_end()
+
+    def _record_caf_epoch(self) -> None:
+        if not self._caf_epoch_values:
+            return
+        per_iteration = np.stack(self._caf_epoch_values)
+        values = [float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in per_iteration.T]
+        self._caf_history[self.current_epoch] = values
+        self.print_to_log_file("CAF global-branch weight per stage (strides 4, 8, 16, 32):",
+                               [round(v, 4) for v in values])
+        if self.local_rank == 0:
+            self._save_caf_history()
+
+    def _caf_paths(self) -> tuple[str, str]:
+        return os.path.join(self.output_folder, CAF_JSON), os.path.join(self.output_folder, CAF_PNG)
+
+    def _load_caf_history(self) -> None:
+        """On ``--c``, keep the epochs the checkpoint covers (a crash may have logged one more)."""
+        json_path, _ = self._caf_paths()
+        self._caf_history = {}
+        if self.current_epoch > 0 and os.path.isfile(json_path):
+            try:
+                with open(json_path) as f:
+                    saved = json.load(f)
+                self._caf_history = {int(e): list(map(float, w)) for e, w in zip(saved["epochs"], saved["global_weight"])
+                                     if int(e) < self.current_epoch}
+            except (OSError, ValueError, KeyError) as e:
+                self.print_to_log_file(f"Could not read {json_path} ({e}); the CAF history restarts here.")
+
+    def _save_caf_history(self) -> None:
+        json_path, png_path = self._caf_paths()
+        epochs = sorted(self._caf_history)
+        weights = [self._caf_history[e] for e in epochs]
+        payload = {
+            "description": "Mean weight a_G of the global (DilateFormer) branch in each stage's CAF block, averaged "
+                           "over the epoch's training iterations; the local (DMK) branch gets 1 - a_G.",
+            "trainer": self.__class__.__name__, "preset": self.fias_preset,
+            "stage_strides": [4, 8, 16, 32], "epochs": epochs, "global_weight": weights,
+        }
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1, allow_nan=True)
+        os.replace(tmp, json_path)
+        self._plot_caf(epochs, weights, png_path)
+
+    @staticmethod
+    def _plot_caf(epochs: list[int], weights: list[list[float]], png_path: str) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8, 4.5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        arr = np.asarray(weights, dtype=float).reshape(len(epochs), -1)
+        for s in range(arr.shape[1]):
+            ax.plot(epochs, arr[:, s], marker="o" if len(epochs) < 30 else None, markersize=3,
+                    label=f"stage {s + 1} (stride {4 * 2 ** s})")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean CAF weight of the global branch")
+        ax.set_title("CAF balance: global (DilateFormer) vs local (DMK) branch")
+        ax.legend(loc="best", fontsize="small")
+        fig.tight_layout()
+        tmp = png_path + ".tmp.png"
+        fig.savefig(tmp)
+        os.replace(tmp, png_path)

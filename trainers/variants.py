@@ -1,0 +1,65 @@
+"""FIASTrainer variants, one change each; the class name says what it is.
+
+nnU-Net stores the trainer's class name in every checkpoint and names the results folder after it, so these names
+are a public API: never rename or repurpose one, add a new class instead.
+"""
+import torch
+
+from .fias_trainer import FIASTrainer
+
+
+class FIASTrainer_5epochs(FIASTrainer):
+    """Smoke test: 5 epochs (warm-up 1 epoch)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class FIASTrainer_100epochs(FIASTrainer):
+    """100 epochs (warm-up 5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 100
+
+
+class FIASTrainer_250epochs(FIASTrainer):
+    """250 epochs (warm-up 12)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 250
+
+
+class FIASTrainerNoDS(FIASTrainer):
+    """Without deep supervision: the loss sees the full-resolution output only."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+
+
+class FIASTrainerNoAMP(FIASTrainer):
+    """float32 training and validation on CUDA (no autocast, no GradScaler): the fix for NaN losses."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_amp = False
+
+
+class FIASTrainer_S(FIASTrainer):
+    """FIAS-S (DilateFormer-Small layout)."""
+
+    fias_preset = "S"
+
+
+class FIASTrainer_B(FIASTrainer):
+    """FIAS-B (DilateFormer-Base layout)."""
+
+    fias_preset = "B"

@@ -20,15 +20,16 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_fias.dataset_conversion.common import (ConversionError, DatasetOutput, FILE_ENDING, add_output_args, cli,
-                                                     convert_nifti_case, find_nifti, format_ids, report,
-                                                     require_input_folder, run_cases, visible_entries,
-                                                     write_dataset_json)
+from nnunetv2_fias.dataset_conversion.common import (
+    EXIT_CODES, FILE_ENDING, ConversionError, DatasetOutput, add_dataset_id_arg, add_output_args, cli,
+    convert_nifti_case, find_nifti, format_ids, report, require_input_folder, run_cases, visible_entries,
+    write_dataset_json)
 from nnunetv2_fias.dataset_conversion.split_ids import (ACDC_MTUNET_TEST, ACDC_MTUNET_TRAIN, ACDC_MTUNET_VAL,
                                                         ACDC_TEST_PATIENTS, ACDC_TRAINING_PATIENTS)
 
@@ -319,10 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_fias convert-acdc",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Convert ACDC (cardiac cine MRI; RV 1, MYO 2, LV 3) into nnU-Net's raw format: "
-                    "$nnUNet_raw/DatasetXXX_ACDC with imagesTr/labelsTr/imagesTs[/labelsTs] and dataset.json "
-                    "(channel cineMRI), plus $nnUNet_preprocessed/DatasetXXX_ACDC/splits_final.json in which "
-                    "both frames of a patient always sit on the same side.",
+        description=textwrap.fill(
+            "Convert ACDC (cardiac cine MRI; labels RV 1, MYO 2, LV 3) into nnU-Net's raw format: "
+            "$nnUNet_raw/DatasetXXX_ACDC with imagesTr/labelsTr/imagesTs[/labelsTs] and dataset.json (channel "
+            "cineMRI, z-score normalisation), plus $nnUNet_preprocessed/DatasetXXX_ACDC/splits_final.json in which "
+            "both frames (ED, ES) of a patient always sit on the same side.", 100),
         epilog="""protocols:
   nnunet     nnU-Net's Dataset027 protocol: all 100 training patients (200 ED/ES cases) in imagesTr with
              nnU-Net's patient-grouped 5-fold split (create_ACDC_split, seed 1234); the official test
@@ -343,10 +345,13 @@ input layouts:
 example:
   export nnUNet_raw=/data/nnUNet_raw nnUNet_preprocessed=/data/nnUNet_preprocessed
   nnunetv2_fias convert-acdc -i /data/ACDC/database -d 27 --protocol transunet
-  nnUNetv2_plan_and_preprocess -d 27 --verify_dataset_integrity""")
+  nnUNetv2_plan_and_preprocess -d 27 --verify_dataset_integrity
+
+""" + EXIT_CODES)
     parser.add_argument("-i", "--input", required=True, metavar="INPUT",
                         help="the ACDC release folder (holding training/, testing/) or the preprocessed mirror "
                              "(holding train/, test/)")
+    add_dataset_id_arg(parser, "ACDC")
     parser.add_argument("--protocol", choices=("nnunet", "transunet"), default="nnunet",
                         help="which patients go to training, validation and test (see below; default: "
                              "%(default)s)")

@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,18 +190,22 @@ def check_same_grid(img, lbl, img_path: Path, lbl_path: Path, result: CaseResult
 
 
 def integer_labels(arr: np.ndarray, path: Path, allowed: Iterable[int]) -> np.ndarray:
-    """Check that a label array holds only integral values from ``allowed``; return it as int64."""
+    """Check that a label array holds only integral values from ``allowed``; return it as uint8."""
     allowed = sorted(set(int(a) for a in allowed))
+    assert allowed[-1] < 256
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise CaseError(f"{path}: label map contains non-integer values; expected integers in "
                             f"{describe_values(allowed)}")
-    values = np.unique(arr).astype(np.int64)
+    if arr.dtype.kind in "iu" and arr.size and 0 <= arr.min() and arr.max() < 2 ** 16:
+        values = np.flatnonzero(np.bincount(arr.ravel()))  # much faster than np.unique on 512x512xN volumes
+    else:
+        values = np.unique(arr).astype(np.int64)
     bad = sorted(set(values.tolist()) - set(allowed))
     if bad:
         shown = ", ".join(str(b) for b in bad[:10]) + (", ..." if len(bad) > 10 else "")
         raise CaseError(f"{path}: label values {{{shown}}} are outside the expected set {describe_values(allowed)}")
-    return arr.astype(np.int64, copy=False)
+    return arr.astype(np.uint8, copy=False)
 
 
 def describe_values(values: Sequence[int]) -> str:
@@ -418,9 +423,12 @@ class DatasetOutput:
                 raise ConversionError(f"{f} already exists with a different split; pass --overwrite to replace it")
 
     def __enter__(self) -> Path:
-        self.raw_root.mkdir(parents=True, exist_ok=True)
-        # Hidden name without the 'Dataset' prefix: nnU-Net's ID lookup never sees a half-written dataset.
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.name}.partial-", dir=self.raw_root))
+        try:
+            self.raw_root.mkdir(parents=True, exist_ok=True)
+            # Hidden name without the 'Dataset' prefix: nnU-Net's ID lookup never sees a half-written dataset.
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.name}.partial-", dir=self.raw_root))
+        except OSError as e:
+            raise ConversionError(f"cannot create a folder in nnUNet_raw={self.raw_root}: {e.strerror or e}")
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -441,11 +449,18 @@ class DatasetOutput:
             pre_dir = self.split_file.parent
             if not pre_dir.exists():
                 created_pre_dir = pre_dir
-            pre_dir.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=".splits_final.", suffix=".json.partial", dir=pre_dir)
-            split_tmp = Path(name)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(splits, fh, indent=1)
+            try:
+                pre_dir.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix=".splits_final.", suffix=".json.partial", dir=pre_dir)
+                split_tmp = Path(name)
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(splits, fh, indent=1)
+            except OSError as e:
+                if split_tmp is not None:
+                    split_tmp.unlink(missing_ok=True)
+                if created_pre_dir is not None:
+                    shutil.rmtree(created_pre_dir, ignore_errors=True)
+                raise ConversionError(f"cannot write {self.split_file}: {e.strerror or e}")
             if self.overwrite and self.target.exists() and \
                     any(p.name != "splits_final.json" for p in visible_entries(pre_dir)):
                 notes.append(f"{pre_dir} holds preprocessed data of the replaced dataset; rerun "
@@ -453,7 +468,7 @@ class DatasetOutput:
         trash = []
         try:
             for old in self.replaced:
-                aside = old.with_name(f".{old.name}.replaced-{os.getpid()}")
+                aside = old.with_name(f".{old.name}.replaced-{uuid.uuid4().hex[:8]}")
                 old.rename(aside)
                 trash.append((aside, old))
             self.staging.rename(self.target)
@@ -485,17 +500,27 @@ def write_dataset_json(folder: Path, channel: str, labels: dict[str, int], num_t
                           num_training_cases=num_training, file_ending=FILE_ENDING, **extra)
 
 
-def add_output_args(parser: argparse.ArgumentParser) -> None:
+def add_dataset_id_arg(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("-d", "--dataset-id", dest="dataset_id", type=int, required=True, metavar="ID",
-                        help="nnU-Net dataset ID (1-999); the output is $nnUNet_raw/DatasetXXX_<name>")
+                        help=f"nnU-Net dataset ID (1-999); the output is $nnUNet_raw/DatasetXXX_{name}, e.g. "
+                             f"-d 27 -> Dataset027_{name}")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing DatasetXXX_<name> folder, raw folders of another name with the "
-                             "same ID, and a differing splits_final.json. Without it nothing existing is touched. "
-                             "The old data is removed only after the new dataset is complete")
+                        help="replace an existing DatasetXXX folder of this ID in $nnUNet_raw (whatever its name) "
+                             "and a differing splits_final.json. Without it nothing existing is touched; with it "
+                             "the old data is removed only after the new dataset is complete")
     parser.add_argument("-np", "--num-processes", dest="num_processes", type=int,
                         default=default_num_processes(), metavar="N",
-                        help="worker processes for reading/writing cases (default: %(default)s, i.e. "
-                             "min($nnUNet_def_n_proc or 8, CPU count))")
+                        help="worker processes for reading, checking and writing cases (default here: "
+                             "%(default)s = min($nnUNet_def_n_proc or 8, CPU count))")
+
+
+EXIT_CODES = """exit status:
+  0  dataset written;  1  problem with the input, the options or $nnUNet_raw/$nnUNet_preprocessed (each
+  problem is listed with the file concerned and what was expected; nothing is written or replaced);
+  2  invalid command line"""
 
 
 def cli(argv: list[str] | None, parser: argparse.ArgumentParser, convert: Callable[[argparse.Namespace], None]) -> int:

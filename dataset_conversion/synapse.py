@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_fias.dataset_conversion.common import (CaseError, CaseResult, ConversionError, DatasetOutput, FILE_ENDING,
-                                                     add_output_args, check_finite, cli, convert_nifti_case,
-                                                     describe_values, format_ids, integer_labels, match_files,
-                                                     remap, report, require_input_folder, run_cases,
-                                                     write_array_image, write_dataset_json)
+from nnunetv2_fias.dataset_conversion.common import (
+    EXIT_CODES, FILE_ENDING, CaseError, CaseResult, ConversionError, DatasetOutput, add_dataset_id_arg,
+    add_output_args, check_finite, cli, convert_nifti_case, describe_values, format_ids, integer_labels,
+    match_files, remap, report, require_input_folder, run_cases, write_array_image, write_dataset_json)
 from nnunetv2_fias.dataset_conversion.split_ids import (SYNAPSE_LABELLED, SYNAPSE_TRANSUNET_TEST,
                                                         SYNAPSE_TRANSUNET_TRAIN, SYNAPSE_UNLABELLED)
 
@@ -397,10 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_fias convert-synapse",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Convert Synapse (BTCV multi-organ abdominal CT) into nnU-Net's raw format: "
-                    "$nnUNet_raw/DatasetXXX_Synapse with imagesTr/labelsTr/imagesTs[/labelsTs] and dataset.json, "
-                    "plus $nnUNet_preprocessed/DatasetXXX_Synapse/splits_final.json (nnU-Net's default 5-fold "
-                    "split over the training cases, written explicitly). Cases are named caseXXXX.",
+        description=textwrap.fill(
+            "Convert Synapse (BTCV multi-organ abdominal CT) into nnU-Net's raw format: "
+            "$nnUNet_raw/DatasetXXX_Synapse with imagesTr/labelsTr/imagesTs[/labelsTs] and dataset.json, plus "
+            "$nnUNet_preprocessed/DatasetXXX_Synapse/splits_final.json (nnU-Net's default 5-fold split over the "
+            "training cases, written explicitly so it can be checked before training). Cases are named caseXXXX.",
+            100),
         epilog="""protocols:
   transunet  TransUNet/Swin-Unet/nnFormer protocol: train on the 18 TransUNet training cases
              (0005 0006 0007 0009 0010 0021 0023 0024 0026 0027 0028 0030 0031 0033 0034 0037 0039 0040),
@@ -416,6 +418,13 @@ labels:
       stomach 7, aorta 8, inferior_vena_cava 9, portal_vein_and_splenic_vein 10, pancreas 11,
       adrenal_gland_right 12, adrenal_gland_left 13
 
+label orders (--label-order, TransUNet's preprocessed release only; the organ stored as value 1, 2, ..., 8):
+  raw           spleen, kidney_right, kidney_left, gallbladder, liver, stomach, aorta, pancreas
+  alphabetical  aorta, gallbladder, kidney_left, kidney_right, liver, pancreas, spleen, stomach
+  or your own   e.g. --label-order spleen,kidney_right,kidney_left,gallbladder,liver,stomach,aorta,pancreas
+  Public copies disagree, so the converter never guesses. Check one slice of your copy (e.g. which value
+  the aorta has) before choosing. The output always uses the 8-label order above.
+
 input layouts:
   raw release     RawData/Training/img/img0001.nii.gz, RawData/Training/label/label0001.nii.gz,
                   RawData/Testing/img (or Test/img); -i may be RawData or its parent. CT copied unchanged,
@@ -427,21 +436,22 @@ input layouts:
 example:
   export nnUNet_raw=/data/nnUNet_raw nnUNet_preprocessed=/data/nnUNet_preprocessed
   nnunetv2_fias convert-synapse -i /data/Abdomen/RawData -d 111
-  nnUNetv2_plan_and_preprocess -d 111 --verify_dataset_integrity""")
+  nnUNetv2_plan_and_preprocess -d 111 --verify_dataset_integrity
+
+""" + EXIT_CODES)
     parser.add_argument("-i", "--input", required=True, metavar="INPUT",
                         help="the raw release folder (RawData or its parent) or TransUNet's preprocessed folder "
                              "holding train_npz/ and test_vol_h5/")
+    add_dataset_id_arg(parser, "Synapse")
     parser.add_argument("--protocol", choices=("transunet", "all"), default="transunet",
                         help="which cases go to training and test (see below; default: %(default)s)")
     parser.add_argument("--labels", type=int, choices=(8, 13), default=None,
                         help="8 organs as 1..8 or all 13 with their release values (default: 8 for transunet, "
                              "13 for all)")
     parser.add_argument("--label-order", default=None, metavar="ORDER",
-                        help="TransUNet's preprocessed release only, required there: which organ each value 1..8 "
-                             "of your copy holds. 'raw' = spleen,kidney_right,kidney_left,gallbladder,liver,"
-                             "stomach,aorta,pancreas; 'alphabetical' = aorta,gallbladder,kidney_left,kidney_right,"
-                             "liver,pancreas,spleen,stomach; or those 8 names comma-separated in your order. "
-                             "Copies disagree, so it is never guessed")
+                        help="required for TransUNet's preprocessed release, rejected otherwise: which organ "
+                             "each value 1..8 of your copy holds: 'raw', 'alphabetical' or 8 comma-separated "
+                             "organ names (see 'label orders' below)")
     add_output_args(parser)
     return parser
 

@@ -371,3 +371,9 @@ def test_help_and_usage_errors(capsys):
     assert "--label-order" in capsys.readouterr().out
     assert main(["-i", "x"]) == 2  # -d missing
     assert main(["-i", "x", "-d", "1", "--labels", "9"]) == 2
+
+
+@pytest.mark.parametrize("dataset_id", ["0", "1000"])
+def test_dataset_id_out_of_range(raw_tree, env, dataset_id):
+    assert main(["-i", str(raw_tree), "-d", dataset_id]) == 1
+    ft.assert_nothing_written(env)

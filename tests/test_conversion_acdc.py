@@ -253,3 +253,10 @@ def test_help(capsys):
     assert main(["--help"]) == 0
     assert "--protocol" in capsys.readouterr().out
     assert main(["-i", "x", "-d", "1", "--protocol", "mtunet"]) == 2
+
+
+def test_release_without_testing_folder(bad_copy, env):
+    shutil.rmtree(bad_copy.parent / "testing")
+    assert main(["-i", str(bad_copy.parent), "-d", "35", "-np", "1"]) == 0
+    ds = env / "nnUNet_raw" / "Dataset035_ACDC"
+    assert len(ft.names(ds / "imagesTr")) == 200 and not (ds / "imagesTs").exists()

@@ -377,3 +377,11 @@ def test_help_and_usage_errors(capsys):
 def test_dataset_id_out_of_range(raw_tree, env, dataset_id):
     assert main(["-i", str(raw_tree), "-d", dataset_id]) == 1
     ft.assert_nothing_written(env)
+
+
+def test_protocol_all_without_test_folder(raw_tree, env, tmp_path):
+    src = copy_tree(raw_tree, tmp_path)
+    shutil.rmtree(src / "Test")
+    assert main(["-i", str(src), "-d", "26", "--protocol", "all", "-np", "1"]) == 0
+    ds = env / "nnUNet_raw" / "Dataset026_Synapse"
+    assert len(ft.names(ds / "imagesTr")) == 30 and not (ds / "imagesTs").exists()

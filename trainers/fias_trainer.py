@@ -87,9 +87,9 @@ def _require_2d(patch_size: Sequence[int], configuration: str, trainer_name: str
     if len(patch_size) != 2:
         raise ValueError(
             f"{trainer_name} trains the 2D FIAS network, but configuration '{configuration}' has a "
-            f"{len(patch_size)}D patch size {list(patch_size)}. Use the 2d configuration: nnUNetv2_train DATASET 2d "
-            f"FOLD -tr {trainer_name} (plan it with nnUNetv2_plan_and_preprocess -d DATASET -c 2d). A 3D FIAS does "
-            f"not exist yet.")
+            f"{len(patch_size)}D patch size {list(patch_size)}. Use -c 2d: plan with nnUNetv2_plan_and_preprocess "
+            f"-d DATASET -c 2d, train with nnUNetv2_train DATASET 2d FOLD -tr {trainer_name}. A 3D FIAS does not "
+            f"exist yet.")
 
 
 class _AutocastOff(nn.Module):
@@ -334,7 +334,8 @@ class FIASTrainer(nnUNetTrainer):
             try:
                 with open(json_path) as f:
                     saved = json.load(f)
-                self._caf_history = {int(e): list(map(float, w)) for e, w in zip(saved["epochs"], saved["global_weight"])
+                self._caf_history = {int(e): [math.nan if v is None else float(v) for v in w]
+                                     for e, w in zip(saved["epochs"], saved["global_weight"])
                                      if int(e) < self.current_epoch}
             except (OSError, ValueError, KeyError) as e:
                 self.print_to_log_file(f"Could not read {json_path} ({e}); the CAF history restarts here.")
@@ -343,15 +344,16 @@ class FIASTrainer(nnUNetTrainer):
         json_path, png_path = self._caf_paths()
         epochs = sorted(self._caf_history)
         weights = [self._caf_history[e] for e in epochs]
+        strict = [[v if math.isfinite(v) else None for v in w] for w in weights]  # strict JSON: NaN -> null
         payload = {
             "description": "Mean weight a_G of the global (DilateFormer) branch in each stage's CAF block, averaged "
                            "over the epoch's training iterations; the local (DMK) branch gets 1 - a_G.",
             "trainer": self.__class__.__name__, "preset": self.fias_preset,
-            "stage_strides": [4, 8, 16, 32], "epochs": epochs, "global_weight": weights,
+            "stage_strides": [4, 8, 16, 32], "epochs": epochs, "global_weight": strict,
         }
         tmp = json_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=True)
+            json.dump(payload, f, indent=1, allow_nan=False)
         os.replace(tmp, json_path)
         self._plot_caf(epochs, weights, png_path)
 

@@ -1,0 +1,201 @@
+"""``nnunetv2_fias env`` and ``nnunetv2_fias doctor``: make nnU-Net find the FIAS trainers, and check the setup.
+
+``env`` prints the shell line that adds the plugin's discovery folder to ``nnUNet_extTrainer`` (keeping any folders
+already there), for ``eval "$(nnunetv2_fias env)"``. ``doctor`` checks what a training needs and says how to fix
+each problem; it exits 1 if any check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import io
+import os
+import re
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+
+MIN_NNUNET = (2, 8)
+NNUNET_PATH_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def shim_folder() -> Path:
+    """The folder nnUNet_extTrainer must contain: it holds only the uniquely named re-export module."""
+    from nnunetv2_fias import nnunet_ext
+
+    return Path(nnunet_ext.__file__).resolve().parent
+
+
+def _split_ext(value: str | None) -> list[str]:
+    return [p for p in (value or "").split(os.pathsep) if p.strip()]
+
+
+def _same_path(a: str, b: Path) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == b
+    except OSError:
+        return False
+
+
+def ext_trainer_value(current: str | None) -> str:
+    """``nnUNet_extTrainer`` with the shim folder appended, unless it is already there."""
+    folder = shim_folder()
+    parts = _split_ext(current)
+    if not any(_same_path(p, folder) for p in parts):
+        parts.append(str(folder))
+    return os.pathsep.join(parts)
+
+
+def main_env(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nnunetv2_fias env",
+        description="Print the shell command that lets nnU-Net find the FIAS trainers (nnUNet_extTrainer). "
+                    "Use it as: eval \"$(nnunetv2_fias env)\"; put that line in your shell profile to keep it.")
+    parser.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh",
+                        help="syntax of the printed line: sh (bash/zsh, default), fish or powershell")
+    args = parser.parse_args(argv)
+    value = ext_trainer_value(os.environ.get("nnUNet_extTrainer"))
+    if args.shell == "sh":
+        print(f"export nnUNet_extTrainer={shlex.quote(value)}")
+    elif args.shell == "fish":
+        print(f"set -gx nnUNet_extTrainer {shlex.quote(value)}")
+    else:
+        print("$env:nnUNet_extTrainer = '" + value.replace("'", "''") + "'")
+    return 0
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.failures = 0
+        self.warnings = 0
+
+    def ok(self, text: str) -> None:
+        print(f"[ok]   {text}")
+
+    def warn(self, text: str, fix: str) -> None:
+        self.warnings += 1
+        print(f"[warn] {text}\n       fix: {fix}")
+
+    def fail(self, text: str, fix: str) -> None:
+        self.failures += 1
+        print(f"[FAIL] {text}\n       fix: {fix}")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """Leading numeric release components: '2.8.1' -> (2, 8, 1), '2.10.0rc1' -> (2, 10, 0)."""
+    match = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", text)
+    return tuple(int(g) for g in match.groups() if g is not None) if match else ()
+
+
+def _check_nnunet(rep: _Report) -> bool:
+    try:
+        version = metadata.version("nnunetv2")
+    except metadata.PackageNotFoundError:
+        rep.fail("nnU-Net (nnunetv2) is not installed", "pip install 'nnunetv2>=2.8,<2.9'")
+        return False
+    if _version_tuple(version)[:2] < MIN_NNUNET:
+        rep.fail(f"nnunetv2 {version} is too old: external trainers (nnUNet_extTrainer) need nnunetv2 >= 2.8",
+                 "pip install 'nnunetv2>=2.8,<2.9'")
+        return False
+    rep.ok(f"nnunetv2 {version} (>= {'.'.join(map(str, MIN_NNUNET))})")
+    return True
+
+
+def _check_paths(rep: _Report) -> None:
+    for var in NNUNET_PATH_VARS:
+        value = os.environ.get(var)
+        if not value:
+            rep.fail(f"{var} is not set",
+                     f"export {var}=/path/to/{var} (a folder of your choice; see nnU-Net's "
+                     f"documentation/setting_up_paths.md)")
+        elif not os.path.isdir(value):
+            rep.fail(f"{var}={value} does not exist or is not a folder", f"mkdir -p {shlex.quote(value)}")
+        elif not os.access(value, os.W_OK):
+            rep.fail(f"{var}={value} is not writable", "choose a folder you can write to, or fix its permissions")
+        else:
+            rep.ok(f"{var}={value}")
+
+
+def _check_discovery(rep: _Report) -> None:
+    folder = shim_folder()
+    parts = _split_ext(os.environ.get("nnUNet_extTrainer"))
+    fix_env = 'eval "$(nnunetv2_fias env)"  (add it to your shell profile to keep it)'
+    if not any(_same_path(p, folder) for p in parts):
+        rep.fail(f"nnUNet_extTrainer does not contain the FIAS discovery folder {folder} "
+                 f"(current value: {os.environ.get('nnUNet_extTrainer', '<unset>')!r})", fix_env)
+        return
+    for p in parts:
+        if not os.path.isdir(os.path.expanduser(p)):
+            rep.warn(f"nnUNet_extTrainer lists {p}, which is not a folder", "remove it from nnUNet_extTrainer")
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2_fias import trainers
+
+    wrong = []
+    for cls in trainers.TRAINERS:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                found = recursive_find_trainer_class_by_name(cls.__name__)
+        except Exception as e:  # nnU-Net raises RuntimeError when not found; imports may fail too
+            wrong.append(f"{cls.__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        if found is not cls:
+            where = inspect.getsourcefile(found) or getattr(found, "__module__", "?")
+            wrong.append(f"{cls.__name__} resolves to {found.__module__}.{found.__qualname__} ({where}), "
+                         f"not the installed {cls.__module__}.{cls.__qualname__}")
+    if wrong:
+        rep.fail("nnU-Net does not resolve every FIAS trainer to the installed class:\n         "
+                 + "\n         ".join(wrong),
+                 "remove other folders that define these class names from nnUNet_extTrainer (a built-in or earlier "
+                 "folder wins), reinstall nnunetv2-fias, then " + fix_env)
+    else:
+        rep.ok(f"nnU-Net resolves {', '.join(c.__name__ for c in trainers.TRAINERS)} to the installed classes "
+               f"(via {folder})")
+
+
+def _check_device(rep: _Report) -> None:
+    import torch
+
+    compile_on = os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+    if torch.cuda.is_available():
+        rep.ok(f"torch {torch.__version__}: CUDA device cuda:0 ({torch.cuda.get_device_name(0)}) will be used "
+               f"(nnU-Net's default -device cuda)")
+        return
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        rep.warn(f"torch {torch.__version__}: no CUDA device; Apple MPS is available",
+                 "pass -device mps to nnUNetv2_train and nnUNetv2_predict")
+    else:
+        rep.warn(f"torch {torch.__version__}: no CUDA device, training and prediction will run on the CPU (slow: "
+                 f"hours per epoch for real 2D datasets)",
+                 "pass -device cpu to nnUNetv2_train and nnUNetv2_predict; for real training use a machine with a GPU")
+    if "nnUNet_compile" not in os.environ or compile_on:
+        rep.warn("nnU-Net's predictor compiles the network whenever nnUNet_compile is true (the default), which is "
+                 "several times slower on the CPU", "export nnUNet_compile=f")
+
+
+def main_doctor(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nnunetv2_fias doctor",
+        description="Check nnU-Net's version, its path variables, that nnU-Net resolves the FIAS trainers to this "
+                    "installation, and which torch device will be used. Exits 1 if a check fails.")
+    parser.parse_args(argv)
+    rep = _Report()
+    print(f"nnunetv2_fias {metadata.version('nnunetv2-fias') if _has_dist('nnunetv2-fias') else '(not installed)'}"
+          f", Python {sys.version.split()[0]}")
+    nnunet_ok = _check_nnunet(rep)
+    _check_paths(rep)
+    if nnunet_ok:
+        _check_discovery(rep)
+    _check_device(rep)
+    print(f"\n{rep.failures} problem(s), {rep.warnings} warning(s)" if rep.failures or rep.warnings
+          else "\nAll checks passed.")
+    return 1 if rep.failures else 0
+
+
+def _has_dist(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

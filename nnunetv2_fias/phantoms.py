@@ -14,7 +14,8 @@ Every case is drawn from its own random stream seeded by ``(seed, case number)``
 which other cases are generated, and the same seed always gives the same arrays.
 
 The anatomy is defined in millimetres, so any grid size gives the same abdomen (the in-plane spacing is
-``~365 mm / size``). The default 96x96x16 grid is about 4 mm in-plane and 5 mm between slices: coarse, but every
+``365 mm / size``; body size, organ positions, sizes, shapes, intensities, noise level and slice thickness vary
+between cases). The default 96x96x16 grid is about 4 mm in-plane and 5 mm between slices: coarse, but every
 one of the 13 organs is present in every case.
 
 Example:
@@ -152,7 +153,9 @@ def generate_phantom(case_id: int, seed: int = 0, size: Sequence[int] = DEFAULT_
         raise ValueError(f"case_id and seed must be non-negative, got case_id={case_id}, seed={seed}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case_id)]))
     nx, ny, nz = size
-    s_inplane = _FOV_MM / max(nx, ny) * rng.uniform(0.94, 1.06)
+    # In-plane spacing is the same for every case: nnU-Net's 2D patch is the median resampled size, so varying it
+    # would give half the cases more than one sliding-window tile per slice. Bodies vary in size instead.
+    s_inplane = _FOV_MM / max(nx, ny)
     spacing = (float(s_inplane), float(s_inplane), float(_SLAB_MM / nz * rng.choice([0.9, 1.0, 1.1])))
     g = _Grid(size, spacing, t_shift=float(rng.uniform(-0.04, 0.04)))
     shape = g.shape

@@ -141,8 +141,7 @@ def _check_discovery(rep: _Report) -> None:
             wrong.append(f"{cls.__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if found is not cls:
-            where = inspect.getsourcefile(found) or getattr(found, "__module__", "?")
-            wrong.append(f"{cls.__name__} resolves to {found.__module__}.{found.__qualname__} ({where}), "
+            wrong.append(f"{cls.__name__} resolves to {found.__module__}.{found.__qualname__}{_where(found)}, "
                          f"not the installed {cls.__module__}.{cls.__qualname__}")
     if wrong:
         rep.fail("nnU-Net does not resolve every FIAS trainer to the installed class:\n         "
@@ -152,6 +151,19 @@ def _check_discovery(rep: _Report) -> None:
     else:
         rep.ok(f"nnU-Net resolves {', '.join(c.__name__ for c in trainers.TRAINERS)} to the installed classes "
                f"(via {folder})")
+
+
+def _where(cls: type) -> str:
+    # nnU-Net drops the modules it imported from nnUNet_extTrainer folders, so the class may have no module left.
+    try:
+        return f" ({inspect.getsourcefile(cls)})"
+    except (TypeError, OSError):
+        top = cls.__module__.split(".")[0]
+        for folder in _split_ext(os.environ.get("nnUNet_extTrainer")):
+            for candidate in (Path(folder) / f"{top}.py", Path(folder) / top):
+                if candidate.exists():
+                    return f" (from {candidate})"
+        return ""
 
 
 def _check_device(rep: _Report) -> None:

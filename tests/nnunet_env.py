@@ -28,8 +28,8 @@ LABELS = {"background": 0, "disk": 1, "square": 2}
 # is measured separately. The epoch count reads FIAS_TEST_EPOCHS so that a `--c` test can extend a finished
 # training (the class name, and thus the results folder, must stay the same).
 TEST_SHIM_MODULE = "fias_test_tiny_trainers"
-TINY_EPOCHS = 2
-TINY_ITERS = 3
+TINY_EPOCHS = 1
+TINY_ITERS = 2
 TINY_VAL_ITERS = 1
 # Same block types and stage layout as FIAS-T, a sixth of its widths and one block per stage (~0.5 M parameters).
 TINY_FIAS_OVERRIDES = dict(widths=(12, 24, 48, 96), global_depths=(1, 1, 1, 1), local_depths=(1, 1, 1, 1),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +62,15 @@ def pipeline(tmp_path_factory):
     # nnUNet_n_proc_DA=0: augmentation in the main process. Background workers only cost start-up time here.
     train_env = dict(env, nnUNet_n_proc_DA="0")
     timings: dict = {}
-    for trainer in (FIAS_TR, BASE_TR):
+
+    def train_all_folds(trainer: str) -> None:
         for fold in FOLDS:
             run_tool("nnUNetv2_train", [DATASET_ID, "2d", fold, "-tr", trainer, "-device", "cpu", "--npz"],
                      train_env, timings)
+
+    # The two trainers' runs are independent; overlapping them hides much of nnU-Net's per-process start-up.
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(train_all_folds, (FIAS_TR, BASE_TR)))
     info = dict(root=root, results=results, env=env, train_env=train_env, work=work, timings=timings,
                 raw_ts=root / "raw" / DATASET_NAME / "imagesTs")
     timings["train_total_s"] = round(time.perf_counter() - t0, 1)
@@ -113,13 +119,16 @@ def test_find_best_predict_ensemble_postprocess(pipeline):
     assert {m["trainer"] for m in chosen} <= {FIAS_TR, BASE_TR} and all(m["configuration"] == "2d" for m in chosen)
 
     names = [f"test_{i:03d}" for i in range(NUM_TEST)]
-    preds = {}
-    for trainer in (FIAS_TR, BASE_TR):
-        out = work / f"pred_{trainer}"
-        run_tool("nnUNetv2_predict", ["-i", pipeline["raw_ts"], "-o", out, "-d", DATASET_ID, "-c", "2d",
+    preds = {trainer: work / f"pred_{trainer}" for trainer in (FIAS_TR, BASE_TR)}
+
+    def predict(trainer: str) -> None:
+        run_tool("nnUNetv2_predict", ["-i", pipeline["raw_ts"], "-o", preds[trainer], "-d", DATASET_ID, "-c", "2d",
                                       "-tr", trainer, "-f", *FOLDS, "-device", "cpu", "--save_probabilities",
                                       "-npp", "1", "-nps", "1", "--disable_progress_bar"], env, pipeline["timings"])
-        preds[trainer] = out
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(predict, preds))
+    for trainer, out in preds.items():
         _assert_segmentations(out, names)
         for name in names:
             probs = np.load(out / f"{name}.npz")["probabilities"]
@@ -221,28 +230,30 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_validation_only_reruns_validation_without_training(pipeline):
-    fd = _model_dir(pipeline["results"], FIAS_TR) / "fold_1"
-    before = _sha(fd / "checkpoint_final.pth")
-    summary = fd / "validation" / "summary.json"
+def test_validation_only_and_continue(pipeline):
+    """--val on one fold (validation redone, checkpoint untouched) and --c on another after raising the epoch
+    budget (training resumes at the saved epoch, CAF history included); independent, so run side by side."""
+    model = _model_dir(pipeline["results"], FIAS_TR)
+    val_fold, cont_fold = model / "fold_1", model / "fold_2"
+    ckpt_before = _sha(val_fold / "checkpoint_final.pth")
+    summary = val_fold / "validation" / "summary.json"
     summary.unlink()
-    run_tool("nnUNetv2_train", [DATASET_ID, "2d", 1, "-tr", FIAS_TR, "-device", "cpu", "--val", "--npz"],
-             pipeline["train_env"], pipeline["timings"])
+    jobs = [
+        ([DATASET_ID, "2d", 1, "-tr", FIAS_TR, "-device", "cpu", "--val", "--npz"], pipeline["train_env"]),
+        ([DATASET_ID, "2d", 2, "-tr", FIAS_TR, "-device", "cpu", "--c", "--npz"],
+         dict(pipeline["train_env"], FIAS_TEST_EPOCHS=str(TINY_EPOCHS + 1))),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda job: run_tool("nnUNetv2_train", job[0], job[1], pipeline["timings"]), jobs))
+
     assert summary.is_file()
-    assert _sha(fd / "checkpoint_final.pth") == before
+    assert _sha(val_fold / "checkpoint_final.pth") == ckpt_before
 
-
-def test_continue_training_resumes_from_checkpoint(pipeline):
-    """--c after raising the epoch budget: training resumes at the saved epoch, CAF history included."""
-    fd = _model_dir(pipeline["results"], FIAS_TR) / "fold_2"
-    env = dict(pipeline["train_env"], FIAS_TEST_EPOCHS=str(TINY_EPOCHS + 1))
-    run_tool("nnUNetv2_train", [DATASET_ID, "2d", 2, "-tr", FIAS_TR, "-device", "cpu", "--c", "--npz"], env,
-             pipeline["timings"])
-    ckpt = torch.load(fd / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(cont_fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == TINY_EPOCHS + 1
     assert len(ckpt["logging"]["train_losses"]) == TINY_EPOCHS + 1
-    caf = json.loads((fd / "caf_balance.json").read_text())
+    caf = json.loads((cont_fold / "caf_balance.json").read_text())
     assert caf["epochs"] == list(range(TINY_EPOCHS + 1))
     # Only the new epoch was trained in the continued run.
-    newest_log = max(fd.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
+    newest_log = max(cont_fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
     assert newest_log.read_text().count("CAF global-branch weight") == 1

@@ -53,7 +53,9 @@ def _construct(cls, plans, dataset_json, configuration="2d", device=torch.device
 def test_public_trainers_keep_nnunet_signature_and_names():
     names = [c.__name__ for c in trainers.TRAINERS]
     assert names == ["FIASTrainer", "FIASTrainer_5epochs", "FIASTrainer_100epochs", "FIASTrainer_250epochs",
-                     "FIASTrainerNoDS", "FIASTrainerNoAMP", "FIASTrainer_S", "FIASTrainer_B"]
+                     "FIASTrainerNoDS", "FIASTrainerNoAMP", "FIASTrainer_S", "FIASTrainer_B",
+                     "FIASTrainer_demoBudget", "nnUNetTrainer_demoBudget", "FIASTrainer_smokeBudget",
+                     "nnUNetTrainer_smokeBudget"]
     def params(fn):  # names, kinds and defaults: nnU-Net records init kwargs by parameter name
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
@@ -82,6 +84,22 @@ def test_variants_change_one_thing_each(root, results, monkeypatch):
         for attr in watched:
             assert getattr(t, attr) == changes.get(attr, getattr(default, attr)), (name, attr)
         assert t.output_folder_base.endswith(f"{name}__nnUNetPlans__2d")
+
+
+@pytest.mark.parametrize("name, budget", [("FIASTrainer_demoBudget", (12, 20, 2, 4)),
+                                          ("nnUNetTrainer_demoBudget", (12, 20, 2, 4)),
+                                          ("FIASTrainer_smokeBudget", (1, 2, 1, 2)),
+                                          ("nnUNetTrainer_smokeBudget", (1, 2, 1, 2))])
+def test_demo_budgets_set_budget_and_disable_mirroring(root, results, monkeypatch, name, budget):
+    monkeypatch.setenv("nnUNet_results", str(results))
+    plans, dataset_json = load_plans_and_dataset_json(root)
+    t = _construct(getattr(trainers, name), plans, dataset_json)
+    t._set_batch_size_and_oversample()
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.batch_size) == budget
+    assert t.plans_manager.plans["configurations"]["2d"]["batch_size"] == plans["configurations"]["2d"]["batch_size"]
+    *_, mirror_axes = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes is None and t.inference_allowed_mirroring_axes is None
+    assert isinstance(t, FIASTrainer) == name.startswith("FIAS")
 
 
 def test_amp_only_on_cuda_and_not_for_noamp(root, results, monkeypatch):

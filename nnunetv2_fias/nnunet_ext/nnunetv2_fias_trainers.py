@@ -7,4 +7,5 @@ Keep this folder free of other modules, and this module's name unique.
 """
 from nnunetv2_fias.trainers import (FIASTrainer, FIASTrainer_5epochs, FIASTrainer_100epochs,  # noqa: F401
                                     FIASTrainer_250epochs, FIASTrainer_B, FIASTrainer_S, FIASTrainerNoAMP,
-                                    FIASTrainerNoDS)
+                                    FIASTrainerNoDS, FIASTrainer_demoBudget, FIASTrainer_smokeBudget,
+                                    nnUNetTrainer_demoBudget, nnUNetTrainer_smokeBudget)

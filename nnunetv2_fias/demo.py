@@ -99,6 +99,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _check_trainers(budget: Budget, compare: bool) -> None:
+    """Fail before writing anything if the installed package lacks a trainer the budget needs."""
+    from nnunetv2_fias import trainers
+
+    names = [budget.fias_trainer] + ([budget.baseline_trainer] if compare else [])
+    missing = [n for n in names if not hasattr(trainers, n)]
+    if missing:
+        raise DemoError(f"the installed nnunetv2_fias.trainers lacks {', '.join(missing)}; reinstall the package "
+                        f"(pip install -e .) from this repository")
+
+
 def build_env(out: Path, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for the nnU-Net subprocesses: nnU-Net folders under ``out``, the FIAS trainers discoverable.
 
@@ -376,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_processes is not None and args.num_processes < 1:
             raise DemoError(f"-np/--num-processes must be >= 1, got {args.num_processes}")
         device = resolve_device(args.device)
+        _check_trainers(BUDGETS[args.budget], args.compare)
         _prepare_output(out, args.overwrite)
         return _run(args, out, device)
     except DemoError as e:

@@ -1,0 +1,178 @@
+"""`nnunetv2_fias benchmark`: the plumbing (baseline architecture, plans, workers, JSON, errors), not the timings."""
+import json
+import os
+
+import pytest
+import torch
+
+from nnunetv2_fias import benchmark
+from nnunetv2_fias.architectures import FIAS
+
+# The 2d configuration nnU-Net's default ExperimentPlanner wrote for a dataset with 96x96 slices (nnunetv2 2.8.1).
+PLANNER_96 = {
+    "n_stages": 5, "features_per_stage": [32, 64, 128, 256, 512], "conv_op": "torch.nn.modules.conv.Conv2d",
+    "kernel_sizes": [[3, 3]] * 5, "strides": [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]],
+    "n_conv_per_stage": [2, 2, 2, 2, 2], "n_conv_per_stage_decoder": [2, 2, 2, 2], "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+    "nonlin_kwargs": {"inplace": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _nnunet_env(tmp_path, monkeypatch):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("nnUNet_compile", "f")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+
+
+def write_plans(folder, patch=(32, 32), batch=3, with_dataset_json=True):
+    """A plans file as nnU-Net writes it (only the keys the benchmark reads), plus a dataset.json beside it."""
+    arch = benchmark.default_nnunet_architecture(patch)
+    arch["arch_kwargs"]["features_per_stage"] = [8 * 2 ** i for i in range(arch["arch_kwargs"]["n_stages"])]
+    plans = {"dataset_name": "Dataset999_Bench", "plans_name": "nnUNetPlans", "configurations": {
+        "2d": {"data_identifier": "nnUNetPlans_2d", "batch_size": batch, "patch_size": list(patch),
+               "architecture": arch},
+        "3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 2, "patch_size": [16, 32, 32],
+                       "architecture": arch},
+    }}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
+    if with_dataset_json:
+        (folder / "dataset.json").write_text(json.dumps({
+            "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "a": 1, "b": 2, "c": 3},
+            "numTraining": 1, "file_ending": ".nii.gz"}))
+    return folder / "nnUNetPlans.json", arch
+
+
+def test_default_unet_is_what_nnunets_planner_builds():
+    arch = benchmark.default_nnunet_architecture([96, 96])
+    assert arch["network_class_name"] == benchmark.NNUNET_ARCH_CLASS
+    assert arch["arch_kwargs"] == PLANNER_96
+    # Larger patches get more stages, features capped at 512 as in nnU-Net's 2D plans.
+    big = benchmark.default_nnunet_architecture([512, 512])["arch_kwargs"]
+    assert big["n_stages"] == 8 and big["features_per_stage"][-1] == 512
+
+
+def test_patch_nnunet_would_pad_is_rejected_with_the_padded_size():
+    with pytest.raises(benchmark.BenchmarkError, match=r"would use 112 112"):
+        benchmark.default_nnunet_architecture([100, 100])
+
+
+@pytest.mark.parametrize("kind", ["nnunet", "fias"])
+def test_deep_supervision_targets_match_the_model_outputs(kind):
+    patch = (64, 96)
+    spec = dict(kind=kind, preset="T", channels=2, classes=3, patch=list(patch),
+                arch=benchmark.default_nnunet_architecture(patch))
+    if kind == "fias":  # keep the CPU cost down; the output topology does not depend on the widths
+        model = FIAS(2, 3, deep_supervision=True, widths=(12, 24, 48, 96), global_depths=(1, 1, 1, 1),
+                     local_depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3))
+    else:
+        model = benchmark.build_model(spec)
+    with torch.no_grad():
+        outs = model(torch.randn(1, 2, *patch))
+    sizes = benchmark._output_sizes(model, spec)
+    assert [tuple(o.shape[2:]) for o in outs] == sizes
+    weights = benchmark._loss_weights(kind, len(sizes))
+    assert sum(weights) == pytest.approx(1.0)
+    # nnU-Net zeroes its lowest resolution; FIAS's trainer keeps every head in the loss.
+    assert (weights[-1] == 0) == (kind == "nnunet")
+
+
+def test_skip_timing_counts_params_and_flops_per_patch(tmp_path):
+    out = tmp_path / "sizes.json"
+    rc = benchmark.main(["--skip-timing", "--patch", "64", "64", "--patch", "32", "64", "--classes", "4",
+                         "--baselines", "nnunet,swinunetr", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["baseline"] == "nnU-Net"
+    rows = {(r["model"], tuple(r["patch"])): r for r in report["results"]}
+    assert set(rows) == {("FIAS-T", (64, 64)), ("nnU-Net", (64, 64)), ("FIAS-T", (32, 64)), ("nnU-Net", (32, 64))}
+    fias = FIAS(1, 4, preset="T")
+    assert rows["FIAS-T", (64, 64)]["params"] == sum(p.numel() for p in fias.parameters())
+    # FLOPs grow with the patch; the baseline's ratios are 1.
+    assert rows["FIAS-T", (64, 64)]["gflops"] > rows["FIAS-T", (32, 64)]["gflops"] > 0
+    assert rows["nnU-Net", (64, 64)]["ratio_gflops"] == 1.0
+    assert rows["FIAS-T", (64, 64)]["ratio_params"] == pytest.approx(
+        rows["FIAS-T", (64, 64)]["params"] / rows["nnU-Net", (64, 64)]["params"])
+    if not benchmark._monai_available():
+        assert [s["model"] for s in report["skipped"]] == ["SwinUNETR-2D", "SwinUNETR-2D"]
+
+
+def test_timed_run_from_plans_in_worker_processes(tmp_path):
+    plans, arch = write_plans(tmp_path / "pre")
+    out = tmp_path / "bench.json"
+    rc = benchmark.main(["--plans", str(plans), "-c", "2d", "--device", "cpu", "--threads", "1", "--warmup", "0",
+                         "--repeats", "2", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    # Patch, batch and the exact U-Net come from the plans, channels and classes from the dataset.json beside them.
+    assert report["patch"] == [32, 32] and report["batch"] == 3
+    assert report["channels"] == 2 and report["classes"] == 4
+    assert report["baseline"] == "nnU-Net" and report["device"].startswith("cpu")
+    assert report["torch"] == torch.__version__
+    models = {r["model"]: r for r in report["results"]}
+    assert list(models) == ["FIAS-T", "nnU-Net"]
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    unet = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                  2, 4, deep_supervision=True)
+    assert models["nnU-Net"]["params"] == sum(p.numel() for p in unet.parameters())
+    for r in models.values():
+        for key in ("params", "gflops", "train_step_ms", "infer_ms", "peak_mem_mb", "ratio_train_step",
+                    "ratio_peak_mem"):
+            assert r[key] > 0, (r["model"], key)
+        assert len(r["train_step_ms_samples"]) == 2 and len(r["infer_ms_samples"]) == 2
+        assert r["peak_mem_mb"] >= r["base_mem_mb"] > 0
+    assert models["nnU-Net"]["ratio_train_step"] == 1.0 and models["nnU-Net"]["ratio_peak_mem"] == 1.0
+    assert models["FIAS-T"]["ratio_train_step"] == pytest.approx(
+        models["FIAS-T"]["train_step_ms"] / models["nnU-Net"]["train_step_ms"])
+
+
+def test_failing_worker_is_reported_with_its_error():
+    spec = dict(kind="fias", preset="T", channels=1, classes=2, patch=[32, 32], batch=1, device="cpu",
+                amp=False, threads=1, seed=0)
+    spec["kind"] = "no-such-model"
+    with pytest.raises(benchmark.BenchmarkError, match=r"(?s)worker exited with code 1.*unknown model kind"):
+        benchmark._Worker("broken", spec)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--plans", "{tmp}/missing.json"], "missing.json: no such file"),
+    (["--plans", "{plans}", "--patch", "64", "64"], "either --plans"),
+    (["--plans", "{plans}", "-c", "3d_fullres"], "3D patch"),
+    (["--plans", "{plans}", "-c", "3d_lowres"], "no configuration '3d_lowres'"),
+    (["--plans", "{tmp}/not_json.json"], "not a readable JSON file"),
+    (["--patch", "100", "100"], "would use 112 112"),
+    (["--patch", "64", "64", "--patch", "32", "32"], "only supported with --skip-timing"),
+    (["--preset", "T,XL"], "presets are B, S, T"),
+    (["--baselines", "nnunet,unetr"], "unknown unetr"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--json", "{tmp}/exists.json"], "exists; pass --force"),
+    (["--json", "{tmp}/no_dir/out.json"], "does not exist"),
+])
+def test_user_errors_exit_2_with_a_message_and_write_nothing(tmp_path, capsys, argv, match):
+    plans, _ = write_plans(tmp_path / "pre")
+    (tmp_path / "not_json.json").write_text("{nope")
+    (tmp_path / "exists.json").write_text("keep")
+    argv = [a.format(tmp=tmp_path, plans=plans) for a in argv]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "exists.json").read_text() == "keep"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_requested_without_cuda(capsys):
+    assert benchmark.main(["--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_runs_as_a_module_entry_point():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "nnunetv2_fias.benchmark", "--preset", "Q"], capture_output=True,
+                          text=True, env=dict(os.environ), timeout=120)
+    assert proc.returncode == 2 and "--preset 'Q'" in proc.stderr

@@ -351,20 +351,22 @@ class GlobalSelfAttention(nn.Module):
             # ceil_mode so that borders not divisible by r are still represented.
             kv_src = F.avg_pool2d(x.permute(0, 3, 1, 2), r, r, ceil_mode=True).permute(0, 2, 3, 1)
         n_kv = kv_src.shape[1] * kv_src.shape[2]
-        kv = self.kv(kv_src).view(b, n_kv, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = fp32_sdpa(q, kv[0], kv[1]).transpose(1, 2).reshape(b, h, w, c)
+        # unbind, not kv[0] / kv[1]: its backward is one stack instead of a zero-filled full-size tensor per index.
+        k, v = self.kv(kv_src).view(b, n_kv, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = fp32_sdpa(q, k, v).transpose(1, 2).reshape(b, h, w, c)
         return self.proj_drop(self.proj(out))
 
 
 def _benchmark(size: int = 128, batch: int = 2, heads: int = 1, head_dim: int = 24, repeats: int = 5) -> None:
-    """Compare the shifted-window implementation with the naive unfold at ``size x size`` (same process)."""
+    """Compare the fused implementation with the shifted-window one and the naive unfold at ``size x size``."""
     import statistics
     import time
 
     torch.manual_seed(0)
     shape = (batch, heads, size, size, head_dim)
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    impls = {"shifted (ours)": dilated_neighborhood_attention, "unfold (naive)": dilated_neighborhood_attention_unfold}
+    impls = {"fused (ours)": dilated_neighborhood_attention, "shifted windows": dilated_neighborhood_attention_shifted,
+             "unfold (naive)": dilated_neighborhood_attention_unfold}
     print(f"dilated attention fwd+bwd, q/k/v {shape}, kernel 3, dilations 1-3, median of {repeats}")
     results = {}
     for name, fn in impls.items():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (CAF_VARIANTS, ContextAwareFusion, ConvNormAct, ConvStem, DMKBlock, DilateBlock, MixAttBlock,
-                     OverlapStem, init_weights)
+                     OverlapStem, conv_memory_format, init_weights)
 
 FIAS_PRESETS: dict[str, dict] = {
     # DilateFormer-Tiny/Small/Base layouts for the global branch.
@@ -61,7 +61,7 @@ class DilateFormerBranch(nn.Module):
         x = self.stem(x)
         features = []
         for down, stage, norm in zip(self.downsamples, self.stages, self.norms):
-            x = down(x)
+            x = down(x.contiguous(memory_format=conv_memory_format(x)))
             x = norm(stage(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
             features.append(x)
         return features
@@ -87,7 +87,8 @@ class DMKBranch(nn.Module):
         x = self.stem(x)
         features = []
         for down, stage in zip(self.downsamples, self.stages):
-            x = stage(down(x))
+            x = down(x)
+            x = stage(x.contiguous(memory_format=conv_memory_format(x)))
             features.append(x)
         return features
 

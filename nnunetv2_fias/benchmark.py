@@ -210,7 +210,7 @@ def _send(message: dict) -> None:
 def worker_main(spec: dict) -> int:
     """One model in its own process: report size and FLOPs, then run timed steps on request from stdin.
 
-    Commands (one per line): ``train``, ``infer`` (each answered with ``{"ms": wall, "cpu_ms": process CPU}``) and
+    Commands (one per line): ``train``, ``fwd_bwd``, ``infer`` (each answered with ``{"ms": wall, "cpu_ms": process CPU}``) and
     ``quit`` (answered with the peak memory).
     """
     import torch
@@ -263,13 +263,21 @@ def worker_main(spec: dict) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
 
+    def fwd_bwd_step():
+        model.train()
+        _set_deep_supervision(model, True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            value = loss(model(x), target)
+        value.backward()
+
     def infer_step():
         model.eval()
         _set_deep_supervision(model, False)
         with torch.inference_mode(), autocast():
             model(x_infer)
 
-    steps = {"train": train_step, "infer": infer_step}
+    steps = {"train": train_step, "fwd_bwd": fwd_bwd_step, "infer": infer_step}
     _send({"ready": True, "params": params, "flops": flops, "base_mem_mb": base_mem})
     for line in sys.stdin:
         command = line.strip()
@@ -380,6 +388,10 @@ def run_timed(args, patch: Sequence[int], arch: dict | None, log=print) -> dict:
         train = _interleaved(workers, "train", args.warmup, args.repeats)
         log(f"timing {args.warmup} warm-up + {args.repeats} inference passes per model, interleaved ...")
         infer = _interleaved(workers, "infer", args.warmup, args.repeats)
+        fwd_bwd = None
+        if args.fwd_bwd:
+            log(f"timing {args.warmup} warm-up + {args.repeats} forward+backward passes per model, interleaved ...")
+            fwd_bwd = _interleaved(workers, "fwd_bwd", args.warmup, args.repeats)
         peaks = {w.name: w.request("quit")["peak_mem_mb"] for w in workers}
     finally:
         for w in workers:
@@ -398,10 +410,16 @@ def run_timed(args, patch: Sequence[int], arch: dict | None, log=print) -> dict:
             "train_step_ms_samples": train[w.name]["ms"],
             "infer_ms_samples": infer[w.name]["ms"],
         })
+        if fwd_bwd:
+            results[-1].update(fwd_bwd_ms=statistics.median(fwd_bwd[w.name]["ms"]),
+                               fwd_bwd_cpu_ms=statistics.median(fwd_bwd[w.name]["cpu_ms"]),
+                               fwd_bwd_ms_samples=fwd_bwd[w.name]["ms"])
     baseline = next((r for r in results if r["model"] == BASELINE_NAME), None)
     for r in results:
         r["ratio_train_step"] = r["train_step_ms"] / baseline["train_step_ms"] if baseline else None
         r["ratio_peak_mem"] = r["peak_mem_mb"] / baseline["peak_mem_mb"] if baseline else None
+        if "fwd_bwd_ms" in r:
+            r["ratio_fwd_bwd"] = r["fwd_bwd_ms"] / baseline["fwd_bwd_ms"] if baseline else None
     return {
         "baseline": BASELINE_NAME if baseline else None,
         "results": results,
@@ -465,14 +483,19 @@ def _fmt(value, spec: str, none: str = "-") -> str:
 
 def format_report(report: dict) -> str:
     """Markdown table of a timed report (what docs/benchmarks.md records)."""
+    base = report["baseline"] or "-"
     mem = "peak mem MB" + (" (RSS)" if report["device"].startswith("cpu") else "")
-    lines = [f"| model | params (M) | GFLOPs | train step (ms) | x {report['baseline'] or '-'} | inference (ms) | "
-             f"{mem} | x {report['baseline'] or '-'} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fwd_bwd = any("fwd_bwd_ms" in r for r in report["results"])
+    head = f"| model | params (M) | GFLOPs | train step (ms) | x {base} |"
+    head += f" fwd+bwd (ms) | x {base} |" if fwd_bwd else ""
+    lines = [head + f" inference (ms) | {mem} | x {base} |",
+             "|---|---:|---:|---:|---:|" + ("---:|---:|" if fwd_bwd else "") + "---:|---:|---:|"]
     for r in report["results"]:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['train_step_ms']:.1f} | "
-                     f"{_fmt(r['ratio_train_step'], '.2f')} | {r['infer_ms']:.1f} | {r['peak_mem_mb']:.0f} | "
-                     f"{_fmt(r['ratio_peak_mem'], '.2f')} |")
+        row = (f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['train_step_ms']:.1f} | "
+               f"{_fmt(r['ratio_train_step'], '.2f')} |")
+        if fwd_bwd:
+            row += f" {_fmt(r.get('fwd_bwd_ms'), '.1f')} | {_fmt(r.get('ratio_fwd_bwd'), '.2f')} |"
+        lines.append(row + f" {r['infer_ms']:.1f} | {r['peak_mem_mb']:.0f} | {_fmt(r['ratio_peak_mem'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -511,6 +534,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
     run.add_argument("--repeats", type=int, help="timed steps per model; medians are reported (default: 7 on CPU, "
                      "20 on GPU)")
+    run.add_argument("--fwd-bwd", action="store_true", help="also time forward + loss + backward without the "
+                     "optimizer step (fwd_bwd_ms)")
     run.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's default)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
     run.add_argument("--skip-timing", action="store_true", help="only parameters and GFLOPs (batch 1), for every "

@@ -106,3 +106,34 @@ def test_bad_arguments_raise():
         MultiScaleDilatedAttention(24, 4, dilations=(1, 2, 3))
     with pytest.raises(ValueError, match="num_heads=5 must divide the channel width 24"):
         GlobalSelfAttention(24, 5)
+
+
+def test_msda_module_matches_per_group_unfold_reference_with_gradients():
+    # Guards the qkv channel order (q/k/v, dilation group, head, head_dim) of the single split in MSDA.
+    torch.manual_seed(5)
+    attn = MultiScaleDilatedAttention(36, 6, dilations=(1, 2, 3))
+    x = torch.randn(2, 9, 11, 36, requires_grad=True)
+    out = attn(x)
+    b, h, w, c = x.shape
+    qkv = attn.qkv(x).view(b, h, w, 3, 3, 2, 6).permute(3, 4, 0, 5, 1, 2, 6)  # (3, groups, B, heads, H, W, d)
+    ref = torch.cat([dilated_neighborhood_attention_unfold(qkv[0, g], qkv[1, g], qkv[2, g], 3, dil)
+                     for g, dil in enumerate((1, 2, 3))], dim=1)
+    ref = attn.proj(ref.permute(0, 2, 3, 1, 4).reshape(b, h, w, c))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, attn.qkv.weight])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, attn.qkv.weight])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_attention_gradients_for_low_precision_inputs():
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 6, 7, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = dilated_neighborhood_attention(q, k, v, 3, 2)
+    grads = torch.autograd.grad(out.float().square().sum(), [q, k, v])
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = dilated_neighborhood_attention_unfold(q32, k32, v32, 3, 2)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [q32, k32, v32])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r, rtol=5e-2, atol=5e-2)

@@ -104,7 +104,7 @@ def test_timed_run_from_plans_in_worker_processes(tmp_path):
     plans, arch = write_plans(tmp_path / "pre")
     out = tmp_path / "bench.json"
     rc = benchmark.main(["--plans", str(plans), "-c", "2d", "--device", "cpu", "--threads", "1", "--warmup", "0",
-                         "--repeats", "2", "--json", str(out)])
+                         "--repeats", "2", "--fwd-bwd", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     # Patch, batch and the exact U-Net come from the plans, channels and classes from the dataset.json beside them.
@@ -120,7 +120,7 @@ def test_timed_run_from_plans_in_worker_processes(tmp_path):
     assert models["nnU-Net"]["params"] == sum(p.numel() for p in unet.parameters())
     for r in models.values():
         for key in ("params", "gflops", "train_step_ms", "infer_ms", "peak_mem_mb", "ratio_train_step",
-                    "ratio_peak_mem"):
+                    "ratio_peak_mem", "fwd_bwd_ms", "ratio_fwd_bwd"):
             assert r[key] > 0, (r["model"], key)
         assert len(r["train_step_ms_samples"]) == 2 and len(r["infer_ms_samples"]) == 2
         assert r["peak_mem_mb"] >= r["base_mem_mb"] > 0

@@ -169,3 +169,31 @@ def test_fullgraph_compile_has_no_graph_breaks():
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)[0], net(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_memory_layout_choices_do_not_change_the_numbers(monkeypatch):
+    # On CPU stages from 16x16 up run channels-last; forcing one layout everywhere must give the same outputs and
+    # gradients (64x64 input: stride-4 features are 16x16, coarser ones stay channels-first).
+    import nnunetv2_fias.architectures.blocks as blocks
+    import nnunetv2_fias.architectures.fias as fias_module
+
+    torch.manual_seed(0)
+    net = tiny(deep_supervision=True)
+    x = torch.randn(2, 1, 64, 64)
+
+    def run():
+        torch.manual_seed(1)  # same drop-path and Monte Carlo draws
+        net.zero_grad(set_to_none=True)
+        outs = net(x)
+        sum(o.square().mean() for o in outs).backward()
+        return [o.detach() for o in outs], [p.grad.clone() for p in net.parameters()]
+
+    outs, grads = run()
+    for module in (blocks, fias_module):
+        monkeypatch.setattr(module, "conv_memory_format", lambda t: torch.contiguous_format)
+    ref_outs, ref_grads = run()
+    for a, b in zip(outs, ref_outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(net.named_parameters(), grads, ref_grads):
+        # Relative to the tensor's scale: summation order differs between layouts.
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8, name

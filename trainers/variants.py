@@ -45,7 +45,9 @@ class FIASTrainerNoDS(FIASTrainer):
 
 
 class FIASTrainerNoAMP(FIASTrainer):
-    """float32 training and validation on CUDA (no autocast, no GradScaler): the fix for NaN losses."""
+    """float32 training steps and per-epoch validation on CUDA (no autocast, no GradScaler): the fix for NaN
+    losses. nnU-Net's predictor (final validation, inference) autocasts regardless; FIAS keeps its attention
+    logits and softmax in float32 there."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

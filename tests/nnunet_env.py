@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -220,10 +219,6 @@ def make_trainer(trainer_cls, root: Path, fold=0, configuration: str = "2d", res
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def textblock(s: str) -> str:
-    return textwrap.dedent(s).lstrip()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_env import (DATASET_NAME, load_plans_and_dataset_json, make_trainer, prepared_dataset,
-                        tiny_fias_overrides)
+from nnunet_env import DATASET_NAME, load_plans_and_dataset_json, prepared_dataset, tiny_fias_overrides
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 

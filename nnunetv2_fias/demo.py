@@ -51,8 +51,8 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "demo": Budget((96, 96, 16), "FIASTrainer_demoBudget", "nnUNetTrainer_demoBudget",
-                   "96x96x16 phantoms; FIASTrainer_demoBudget: FIAS-T, short schedule, batch 4, no mirroring "
-                   "(see the trainer's docstring for the exact numbers)"),
+                   "96x96x16 phantoms; FIAS-T for a few hundred iterations of batch 4 without mirroring "
+                   "(about 10 minutes on 2 CPU cores)"),
     "smoke": Budget((48, 48, 8), "FIASTrainer_smokeBudget", "nnUNetTrainer_smokeBudget",
                     "48x48x8 phantoms; 1 epoch of 2 iterations: checks that every step runs, learns nothing "
                     "(used by the test suite)"),
@@ -116,7 +116,8 @@ def build_env(out: Path, device: str, base: dict[str, str] | None = None) -> dic
     ``nnUNet_extTrainer`` keeps any folders the user already has and appends the package's shim folder.
     ``nnUNet_compile`` is off: the demo's short trainings would spend more time compiling than they save.
     On CPU, nnU-Net's worker pools default to 8/12 processes, which costs minutes and GBs on a laptop; the demo
-    uses 1 unless the user has set ``nnUNet_def_n_proc`` / ``nnUNet_n_proc_DA`` themselves.
+    uses 1 (and passive OpenMP waiting) unless the user has set ``nnUNet_def_n_proc`` / ``nnUNet_n_proc_DA`` /
+    ``OMP_WAIT_POLICY`` themselves.
     """
     env = dict(os.environ if base is None else base)
     for name, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
@@ -130,6 +131,9 @@ def build_env(out: Path, device: str, base: dict[str, str] | None = None) -> dic
     if device == "cpu":
         env.setdefault("nnUNet_def_n_proc", "1")
         env.setdefault("nnUNet_n_proc_DA", "1")
+        # Idle OpenMP threads sleep instead of spinning, so the data-augmentation and export workers do not
+        # steal the training process' cores.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PYTHONUNBUFFERED"] = "1"  # stream epoch lines as they happen
     env.setdefault("MPLBACKEND", "Agg")
     return env
@@ -158,6 +162,14 @@ def _fmt(seconds: float) -> str:
     return f"{m}:{s:02d}" if m else f"{seconds:.1f} s"
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of all finished subprocesses and their workers."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class _Runner:
     """Runs the steps, prints their names and times, streams subprocess output into the console and a log."""
 
@@ -169,17 +181,17 @@ class _Runner:
         self.logs.mkdir(exist_ok=True)
         self.t0 = time.monotonic()
         self.k = 0
-        self.times: list[tuple[str, float]] = []
+        self.times: list[tuple[str, float, float]] = []
 
-    def header(self, title: str) -> float:
+    def header(self, title: str) -> tuple[float, float]:
         self.k += 1
         print(f"\n[{self.k}/{self.n_steps}] {title}   (elapsed {_fmt(time.monotonic() - self.t0)})", flush=True)
-        return time.monotonic()
+        return time.monotonic(), _cpu_seconds()
 
-    def done(self, title: str, start: float) -> None:
-        dt = time.monotonic() - start
-        self.times.append((title, dt))
-        print(f"    done in {_fmt(dt)}", flush=True)
+    def done(self, title: str, start: tuple[float, float]) -> None:
+        dt, cpu = time.monotonic() - start[0], _cpu_seconds() - start[1]
+        self.times.append((title, dt, cpu))
+        print(f"    done in {_fmt(dt)} (CPU time {_fmt(cpu)})", flush=True)
 
     def run(self, title: str, cmd: list[str], log_name: str) -> None:
         start = self.header(title)
@@ -276,7 +288,10 @@ def write_overlay(raw_dataset: Path, predictions: dict[str, Path], png: Path) ->
         panels.append((method, sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}{ending}")))[z]))
 
     n_labels = max(names) if names else 1
-    colours = colormaps["tab10"].resampled(10)(np.arange(n_labels) % 10)
+    # tab10 without its grey (invisible on CT), then tab20's lighter shades for datasets with more labels.
+    palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]
+    palette += [c for i, c in enumerate(colormaps["tab20"].colors) if i % 2 == 1 and i != 15]
+    colours = np.array([palette[i % len(palette)] for i in range(n_labels)])
     cmap = ListedColormap(colours)
     window = np.clip((image.astype(np.float32) + 125) / 400, 0, 1)  # TransUNet's [-125, 275] HU window
 
@@ -300,16 +315,32 @@ def write_overlay(raw_dataset: Path, predictions: dict[str, Path], png: Path) ->
     return case, z
 
 
+COMPARE_NOTE = ("Both trainers ran at the same small budget. nnUNetTrainer's recipe (SGD, lr 0.01, poly decay) is "
+                "made for 1000 epochs x 250 iterations and has barely started here, while FIASTrainer's AdamW with "
+                "warm-up converges quickly: the comparison shows the pipeline at work, not which network is better.")
+
+
+def _training_budget(fold_dir: Path) -> str:
+    """Epochs, iterations and batch size as nnU-Net recorded them in the fold's debug.json."""
+    try:
+        d = json.loads((fold_dir / "debug.json").read_text())
+        return (f"{d['num_epochs']} epochs x {d['num_iterations_per_epoch']} iterations, batch size "
+                f"{d['batch_size']}, test-time mirroring {'off' if d.get('inference_allowed_mirroring_axes') == 'None' else 'on'}")
+    except (OSError, ValueError, KeyError):
+        return "budget not readable from debug.json"
+
+
 def _write_report(out: Path, args: argparse.Namespace, device: str, budget: Budget, trainers: dict[str, str],
                   runner: _Runner, overlay: tuple[str, int], total: float) -> Path:
     eval_dir = out / "evaluation"
     table = (eval_dir / "summary.md").read_text().strip()
     summary = json.loads((eval_dir / "summary.json").read_text())
     means = {m: v["mean_over_labels"]["dice"] for m, v in summary["methods"].items()}
-    results = out / "nnUNet_results" / DATASET_NAME
+    fold_dirs = {key: out / "nnUNet_results" / DATASET_NAME / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{FOLD}"
+                 for key, trainer in trainers.items()}
     lines = [
         "# nnunetv2_fias demo report", "",
-        f"- Command: `nnunetv2_fias demo {shlex.join(args.argv)}`".replace("demo  ", "demo "),
+        f"- Command: `{shlex.join(['nnunetv2_fias', 'demo', *args.argv])}`",
         f"- Finished: {_dt.datetime.now().isoformat(timespec='seconds')}; total wall time {_fmt(total)} on "
         f"device `{device}`",
         f"- Budget `{args.budget}`: {budget.description}",
@@ -318,7 +349,12 @@ def _write_report(out: Path, args: argparse.Namespace, device: str, budget: Budg
         f"performance on real CT.**",
         f"- Training: nnU-Net configuration `{CONFIGURATION}`, fold {FOLD} only (nnU-Net's 5-fold split of the 18 "
         f"training cases: 14 train / 4 validation); not a 5-fold cross-validation.",
-        "- Test: the 12 held-out cases, predicted with `nnUNetv2_predict` from `checkpoint_final.pth`.", "",
+    ]
+    lines += [f"- {METHOD_NAMES[key]}: `{trainers[key]}`, {_training_budget(d)}" for key, d in fold_dirs.items()]
+    lines += ["- Test: the 12 held-out cases, predicted with `nnUNetv2_predict` from `checkpoint_final.pth`.", ""]
+    if "baseline" in trainers:
+        lines += [COMPARE_NOTE, ""]
+    lines += [
         "## Test-set results", "",
         "Mean Dice over the 8 organs: " + ", ".join(f"{m} **{100 * d:.2f} %**" if d is not None else f"{m} n/a"
                                                     for m, d in means.items()), "",
@@ -327,16 +363,20 @@ def _write_report(out: Path, args: argparse.Namespace, device: str, budget: Budg
         f"- Table and metrics: `{eval_dir / 'summary.md'}`, `{eval_dir / 'summary.json'}`, "
         f"`{eval_dir / 'metrics.csv'}`",
         f"- Plots: `{eval_dir / 'dice.png'}`, `{eval_dir / 'hd95_mm.png'}`, `{eval_dir / 'hd95_voxel.png'}`",
-        f"- Overlay of test case {overlay[0]}, slice {overlay[1]}: `{out / 'overlay.png'}`",
+        f"- Overlay of test case {overlay[0]}, slice {overlay[1]} (CT, reference, predictions): "
+        f"`{out / 'overlay.png'}`",
     ]
-    for key, trainer in trainers.items():
-        fold_dir = results / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{FOLD}"
+    for key, fold_dir in fold_dirs.items():
         extra = f", CAF balance `{fold_dir / 'caf_balance.png'}`" if key == "fias" else ""
-        lines.append(f"- {METHOD_NAMES[key]} ({trainer}): training curves `{fold_dir / 'progress.png'}`{extra}, "
-                     f"predictions `{out / 'predictions' / trainer}`")
-    lines += [f"- Logs of every step: `{out / 'logs'}`", "", "## Steps", "", "| step | wall time |", "|---|---|"]
-    lines += [f"| {title} | {_fmt(dt)} |" for title, dt in runner.times]
-    lines += [f"| total | {_fmt(total)} |", ""]
+        lines.append(f"- {METHOD_NAMES[key]}: training curves `{fold_dir / 'progress.png'}`{extra}, "
+                     f"predictions `{out / 'predictions' / trainers[key]}`")
+    cpu_total = sum(c for _, _, c in runner.times)
+    lines += [f"- Logs of every step: `{out / 'logs'}`", "", "## Steps", "",
+              f"CPU time counts every process of a step (user + system), so on an otherwise idle machine a step "
+              f"takes at least its CPU time divided by the cores it can use ({os.cpu_count()} here).", "",
+              "| step | wall time | CPU time |", "|---|---:|---:|"]
+    lines += [f"| {title} | {_fmt(dt)} | {_fmt(cpu)} |" for title, dt, cpu in runner.times]
+    lines += [f"| total | {_fmt(total)} | {_fmt(cpu_total)} |", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
@@ -480,6 +520,8 @@ def _run(args: argparse.Namespace, out: Path, device: str) -> int:
     print(f"  plots:    {out / 'evaluation'}/dice.png, hd95_mm.png, hd95_voxel.png")
     print(f"  overlay:  {out / 'overlay.png'}  (test case {overlay[0]}, slice {overlay[1]})")
     print(f"  fold {FOLD} only; the phantoms are synthetic, so these numbers say nothing about real CT.")
+    if args.compare:
+        print("  " + COMPARE_NOTE)
     return 0
 
 

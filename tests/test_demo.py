@@ -22,6 +22,7 @@ def test_env_points_nnunet_into_the_output_and_appends_the_shim(tmp_path):
     assert env["nnUNet_compile"] == "f"
     assert env["nnUNet_def_n_proc"] == "3"  # the user's own setting wins
     assert env["nnUNet_n_proc_DA"] == "1"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert env["PATH"] == "/bin"
     # No duplicate when the shim is already listed; no empty entries when nothing was set.
     again = demo.build_env(tmp_path, "cpu", base={"nnUNet_extTrainer": str(demo.SHIM_DIR)})

@@ -158,12 +158,9 @@ def _optimizer(model, kind: str):
 
     if kind == "nnunet":  # nnUNetTrainer.configure_optimizers
         return torch.optim.SGD(model.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True), 12.0
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    fused = next(model.parameters()).device.type == "cuda"
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.98), fused=fused)
-    return opt, 1.0
+    from nnunetv2_fias.trainers.fias_trainer import fias_adamw
+
+    return fias_adamw(model.parameters(), next(model.parameters()).device.type), 1.0
 
 
 def count_flops(model, channels: int, patch: Sequence[int], device) -> int:

@@ -83,6 +83,21 @@ class WarmupPolyLRScheduler(_LRScheduler):
         return self._last_lr
 
 
+def fias_adamw(parameters, device_type: str, lr: float = 3e-4, weight_decay: float = 5e-2,
+               betas: Sequence[float] = (0.9, 0.98)) -> torch.optim.AdamW:
+    """FIASTrainer's AdamW: no weight decay on biases and normalisation weights (1-D tensors), as DilateFormer/timm.
+
+    The fused kernel is used on CUDA and CPU (torch >= 2.4): on CPU it does FIAS-T's update in about a third of the
+    time of the default implementation (docs/benchmarks.md).
+    """
+    decay, no_decay = [], []
+    for p in parameters:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device_type in ("cuda", "cpu"))
+
+
 def _require_2d(patch_size: Sequence[int], configuration: str, trainer_name: str) -> None:
     if len(patch_size) != 2:
         raise ValueError(
@@ -184,14 +199,8 @@ class FIASTrainer(nnUNetTrainer):
         return min(self.num_epochs - 1, max(1, round(self.warmup_fraction * self.num_epochs)))
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for p in self.network.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=tuple(self.betas),
-                                      fused=self.device.type == "cuda")
+        optimizer = fias_adamw(self.network.parameters(), self.device.type, self.initial_lr, self.weight_decay,
+                               self.betas)
         scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self._warmup_epochs())
         return optimizer, scheduler
 

@@ -26,10 +26,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_Synapse"
@@ -52,7 +52,7 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     "demo": Budget((96, 96, 16), "FIASTrainer_demoBudget", "nnUNetTrainer_demoBudget",
                    "96x96x16 phantoms; FIAS-T for a few hundred iterations of batch 4 without mirroring "
-                   "(about 10 minutes on 2 CPU cores)"),
+                   "(about 5 minutes on 2 idle CPU cores)"),
     "smoke": Budget((48, 48, 8), "FIASTrainer_smokeBudget", "nnUNetTrainer_smokeBudget",
                     "48x48x8 phantoms; 1 epoch of 2 iterations: checks that every step runs, learns nothing "
                     "(used by the test suite)"),
@@ -164,8 +164,10 @@ def _fmt(seconds: float) -> str:
 
 def _cpu_seconds() -> float:
     """CPU time (user + system) of this process and of all finished subprocesses and their workers."""
-    import resource
-
+    try:
+        import resource
+    except ImportError:  # Windows: this process only
+        return time.process_time()
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -282,10 +284,12 @@ def write_overlay(raw_dataset: Path, predictions: dict[str, Path], png: Path) ->
     ending = dataset["file_ending"]
     names = {int(v): k for k, v in dataset["labels"].items() if int(v) > 0}
     case, z = _pick_slice(raw_dataset / "labelsTs", ending)
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw_dataset / "imagesTs" / f"{case}_0000{ending}")))[z]
-    panels = [("reference", sitk.GetArrayFromImage(sitk.ReadImage(str(raw_dataset / "labelsTs" / f"{case}{ending}")))[z])]
-    for method, folder in predictions.items():
-        panels.append((method, sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}{ending}")))[z]))
+    def read_slice(path: Path):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[z]
+
+    image = read_slice(raw_dataset / "imagesTs" / f"{case}_0000{ending}")
+    panels = [("reference", read_slice(raw_dataset / "labelsTs" / f"{case}{ending}"))]
+    panels += [(method, read_slice(folder / f"{case}{ending}")) for method, folder in predictions.items()]
 
     n_labels = max(names) if names else 1
     # tab10 without its grey (invisible on CT), then tab20's lighter shades for datasets with more labels.
@@ -324,8 +328,9 @@ def _training_budget(fold_dir: Path) -> str:
     """Epochs, iterations and batch size as nnU-Net recorded them in the fold's debug.json."""
     try:
         d = json.loads((fold_dir / "debug.json").read_text())
+        mirroring = "off" if d.get("inference_allowed_mirroring_axes") == "None" else "on"
         return (f"{d['num_epochs']} epochs x {d['num_iterations_per_epoch']} iterations, batch size "
-                f"{d['batch_size']}, test-time mirroring {'off' if d.get('inference_allowed_mirroring_axes') == 'None' else 'on'}")
+                f"{d['batch_size']}, test-time mirroring {mirroring}")
     except (OSError, ValueError, KeyError):
         return "budget not readable from debug.json"
 
@@ -336,7 +341,8 @@ def _write_report(out: Path, args: argparse.Namespace, device: str, budget: Budg
     table = (eval_dir / "summary.md").read_text().strip()
     summary = json.loads((eval_dir / "summary.json").read_text())
     means = {m: v["mean_over_labels"]["dice"] for m, v in summary["methods"].items()}
-    fold_dirs = {key: out / "nnUNet_results" / DATASET_NAME / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{FOLD}"
+    results = out / "nnUNet_results" / DATASET_NAME
+    fold_dirs = {key: results / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{FOLD}"
                  for key, trainer in trainers.items()}
     lines = [
         "# nnunetv2_fias demo report", "",
@@ -390,12 +396,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_fias demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generate synthetic abdominal CT phantoms in the Synapse layout, convert them (TransUNet "
-                    "protocol), plan and preprocess with nnU-Net, train FIAS (fold 0), predict the 12 test cases "
-                    "and evaluate them; writes report.md and an overlay PNG. Everything stays inside -o DIR; "
-                    "your own nnU-Net folders are not used.",
-        epilog="budgets:\n" + "\n".join(f"  {k:<6} {b.description}" for k, b in BUDGETS.items()) +
-               "\n\nA run cannot be resumed: rerun with --overwrite to start again in the same folder.",
+        description=textwrap.fill(
+            "Generate synthetic abdominal CT phantoms in the Synapse layout, convert them (TransUNet protocol), plan "
+            "and preprocess with nnU-Net, train FIAS (fold 0 only), predict the 12 test cases and evaluate them; "
+            "writes report.md and an overlay PNG. Everything stays inside -o DIR; your own nnU-Net folders and "
+            "variables are not used.", 100),
+        epilog="budgets:\n" + "\n".join(textwrap.fill(b.description, 100, initial_indent=f"  {k:<7}",
+                                                       subsequent_indent=" " * 9) for k, b in BUDGETS.items())
+               + "\n\nA run cannot be resumed: rerun with --overwrite to start again in the same folder.",
     )
     parser.add_argument("-o", "--output", default="demo_output", metavar="DIR",
                         help="folder for everything the demo writes (default: ./demo_output); must be new, empty, "

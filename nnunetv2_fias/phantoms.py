@@ -179,29 +179,36 @@ def generate_phantom(case_id: int, seed: int = 0, size: Sequence[int] = DEFAULT_
         label[mask & inside] = value
 
     # Painting order: later organs win where shapes touch (small vessels and tubes on top).
+    # Liver: large, patient right (small x), tapering caudally.
     paint(_ellipsoid(g, -55 * org_s + jit(5), -5 + jit(5), 72 * org_s, 80 * org_s, -0.35 + jit(0.03), 0.78 + jit(0.03),
-                     angle=0.25 + jit(0.08), deform=deform[0], amp=0.12, power=0.5, drift=(15, 0)), 6)       # liver
+                     angle=0.25 + jit(0.08), deform=deform[0], amp=0.12, power=0.5, drift=(15, 0)), 6)
+    # Spleen: patient left, posterior, cranial.
     paint(_ellipsoid(g, 82 * org_s + jit(4), 45 + jit(4), 26 * org_s, 48 * org_s, -0.05 + jit(0.03), 0.55 + jit(0.03),
-                     angle=-0.5 + jit(0.1), deform=deform[1], amp=0.12), 1)                                 # spleen
+                     angle=-0.5 + jit(0.1), deform=deform[1], amp=0.12), 1)
+    # Stomach: patient left, anterior (gastric air added below).
     stomach = _ellipsoid(g, 45 + jit(5), -38 + jit(5), 48 * org_s, 34 * org_s, -0.15 + jit(0.03), 0.6 + jit(0.03),
                          angle=0.3 + jit(0.1), deform=deform[2], amp=0.15, drift=(-20, 10))
     paint(stomach, 7)
+    # Gallbladder: under the liver, anterior.
     paint(_ellipsoid(g, -42 + jit(4), -48 + jit(4), 15, 22, 0.4 + jit(0.03), 0.85 + jit(0.03),
-                     angle=0.6 + jit(0.15), deform=deform[1], amp=0.1), 4)                                  # gallbladder
+                     angle=0.6 + jit(0.15), deform=deform[1], amp=0.1), 4)
+    # Pancreas: an oblique band towards the spleen; portal/splenic vein runs along it, a little more cranial.
     paint(_capsule(g, (-12 + jit(3), 18 + jit(3)), (62 + jit(4), 30 + jit(4)), 9.0 * org_s,
-                   0.45 + jit(0.03), 0.78 + jit(0.03), deform=deform[2], amp=0.2), 11)                     # pancreas
+                   0.45 + jit(0.03), 0.78 + jit(0.03), deform=deform[2], amp=0.2), 11)
     paint(_capsule(g, (-32 + jit(3), 8 + jit(3)), (50 + jit(4), 16 + jit(3)), 5.5,
-                   0.32 + jit(0.02), 0.46 + jit(0.02)), 10)                                                # portal/splenic v.
-    for value, side in ((2, -1), (3, 1)):                                                                  # kidneys
+                   0.32 + jit(0.02), 0.46 + jit(0.02)), 10)
+    # Kidneys (right 2, left 3), posterior and caudal; adrenals (right 12, left 13) above them.
+    for value, side in ((2, -1), (3, 1)):
         paint(_ellipsoid(g, side * 66 * org_s + jit(4), 62 + jit(4), 24 * org_s, 32 * org_s, 0.42 + jit(0.04),
                          1.2 + jit(0.04), angle=side * 0.45 + jit(0.1), deform=deform[0], amp=0.08), value)
-    for value, side in ((12, -1), (13, 1)):                                                                # adrenals
+    for value, side in ((12, -1), (13, 1)):
         paint(_ellipsoid(g, side * 44 + jit(3), 50 + jit(3), 11, 7, 0.22 + jit(0.03), 0.5 + jit(0.03),
                          angle=side * 0.9 + jit(0.15)), value)
-    paint(_ellipsoid(g, -22 + jit(3), 50 + jit(3), 12, 9, -0.5, 1.5), 9)                                    # IVC
+    # Inferior vena cava and aorta in front of the spine, through all slices; esophagus only cranially.
+    paint(_ellipsoid(g, -22 + jit(3), 50 + jit(3), 12, 9, -0.5, 1.5), 9)
     aorta = _ellipsoid(g, 10 + jit(3), 57 + jit(3), 11, 11, -0.5, 1.5, drift=(4, 0))
     paint(aorta, 8)
-    paint(_ellipsoid(g, 16 + jit(3), 40 + jit(3), 8, 7, -0.5, 0.3 + jit(0.03), power=0.1), 5)              # esophagus
+    paint(_ellipsoid(g, 16 + jit(3), 40 + jit(3), 8, 7, -0.5, 0.3 + jit(0.03), power=0.1), 5)
 
     # Tissue background (unlabelled): fat, abdominal wall, spine, paraspinal muscles, bowel.
     tex = _smooth_field(rng, shape, [max(0.5, 4.0 / spacing[2]), 4.0 / spacing[1], 4.0 / spacing[0]])
@@ -281,7 +288,8 @@ def write_synapse_phantoms(
         if not 0 <= c <= 9999:
             raise ValueError(f"case numbers must be in 0..9999 (4 digits in the file name), got {c}")
     if set(training_cases) & set(testing_cases):
-        raise ValueError(f"a case cannot be both Training and Testing: {sorted(set(training_cases) & set(testing_cases))}")
+        both = sorted(set(training_cases) & set(testing_cases))
+        raise ValueError(f"a case cannot be both Training and Testing: {both}")
     out_dir = Path(out_dir)
     final = out_dir / "RawData"
     if final.exists() and not overwrite:

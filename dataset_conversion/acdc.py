@@ -31,9 +31,16 @@ from nnunetv2_fias.dataset_conversion.common import (
     convert_nifti_case, find_nifti, format_ids, report, require_input_folder, run_cases, visible_entries,
     write_dataset_json)
 from nnunetv2_fias.dataset_conversion.split_ids import (ACDC_MTUNET_TEST, ACDC_MTUNET_TRAIN, ACDC_MTUNET_VAL,
-                                                        ACDC_TEST_PATIENTS, ACDC_TRAINING_PATIENTS)
+                                                        ACDC_NNFORMER_TEST, ACDC_NNFORMER_TRAIN,
+                                                        ACDC_NNFORMER_VAL, ACDC_TEST_PATIENTS,
+                                                        ACDC_TRAINING_PATIENTS)
 
 LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+# The 70/10/20 patient protocols: (train, validation, test) patient numbers; one fold each.
+PATIENT_SPLITS = {
+    "transunet": (ACDC_MTUNET_TRAIN, ACDC_MTUNET_VAL, ACDC_MTUNET_TEST),
+    "nnformer": (ACDC_NNFORMER_TRAIN, ACDC_NNFORMER_VAL, ACDC_NNFORMER_TEST),
+}
 PATIENT_RE = re.compile(r"patient(\d{3})")
 MIRROR_RE = re.compile(r"(patient\d{3})_sax_(ed|es)(_gt)?\.nii(?:\.gz)?")
 
@@ -152,7 +159,7 @@ def check_patient_set(found: dict[int, object], where: Path, problems: list[str]
     missing = sorted(set(ACDC_TRAINING_PATIENTS) - set(found))
     extra = sorted(set(found) - set(ACDC_TRAINING_PATIENTS))
     if missing:
-        problems.append(f"{where}: patient(s) {format_ids(missing, 3)} are missing; both protocols need all 100 "
+        problems.append(f"{where}: patient(s) {format_ids(missing, 3)} are missing; every protocol needs all 100 "
                         "training patients (001-100)")
     if extra:
         problems.append(f"{where}: patient(s) {format_ids(extra, 3)} are not ACDC training patients (001-100)")
@@ -239,7 +246,8 @@ def convert_acdc(input_folder: str | Path, dataset_id: int, protocol: str = "nnu
             preprocessed mirror (holding ``train/``, ``test/``).
         dataset_id: nnU-Net dataset ID.
         protocol: ``nnunet`` (all 100 training patients, nnU-Net's patient-grouped 5-fold split, official test
-            patients in imagesTs) or ``transunet`` (MT-UNet's 70/10/20 patients, one fold).
+            patients in imagesTs), ``transunet`` (MT-UNet's 70/10/20 patients, one fold) or ``nnformer``
+            (nnFormer's 70/10/20 patients: same test patients, another validation set).
         overwrite: replace an existing dataset of that ID.
         num_processes: worker processes.
 
@@ -263,9 +271,10 @@ def convert_acdc(input_folder: str | Path, dataset_id: int, protocol: str = "nnu
         test_frames = official_test
         splits = build_splits(train_frames, patient_split(list(train_frames)))
     else:
-        train_frames = {n: patients[n] for n in sorted(ACDC_MTUNET_TRAIN + ACDC_MTUNET_VAL)}
-        test_frames = {n: patients[n] for n in ACDC_MTUNET_TEST}
-        splits = build_splits(train_frames, [list(ACDC_MTUNET_VAL)])
+        train_ids, val_ids, test_ids = PATIENT_SPLITS[protocol]
+        train_frames = {n: patients[n] for n in sorted(train_ids + val_ids)}
+        test_frames = {n: patients[n] for n in test_ids}
+        splits = build_splits(train_frames, [list(val_ids)])
 
     out = DatasetOutput(dataset_id, "ACDC", overwrite, root, with_split=True)
     out.check_split(splits)
@@ -292,6 +301,8 @@ def convert_acdc(input_folder: str | Path, dataset_id: int, protocol: str = "nnu
                       "nnU-Net's patient-grouped 5-fold split (seed 1234); official test patients in imagesTs",
             "transunet": "TransUNet-family 2D protocol (MT-UNet split): 70 train / 10 validation patients in "
                          "imagesTr (one fold in splits_final.json), 20 test patients in imagesTs/labelsTs",
+            "nnformer": "nnFormer protocol: 70 train / 10 validation patients in imagesTr (one fold in "
+                        "splits_final.json), the same 20 test patients as MT-UNet in imagesTs/labelsTs",
         }[protocol]
         write_dataset_json(
             staging, "cineMRI", LABELS, n_train,
@@ -333,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
              one fold (70 train / 10 validation patients: 019 021 029 033 041 050 061 071 076 080);
              the 20 test patients (002 003 008 009 012 014 017 024 042 048 049 053 055 064 067 079 081 088
              092 095) in imagesTs + labelsTs. Train with fold 0.
+  nnformer   nnFormer's 70/10/20 split: the same 20 test patients as transunet, a different validation set
+             (089 090 091 093 094 096 097 098 099 100). Train with fold 0.
 
 input layouts:
   release  training/patientNNN/{Info.cfg, patientNNN_frameFF.nii.gz, patientNNN_frameFF_gt.nii.gz},
@@ -352,7 +365,7 @@ example:
                         help="the ACDC release folder (holding training/, testing/) or the preprocessed mirror "
                              "(holding train/, test/)")
     add_dataset_id_arg(parser, "ACDC")
-    parser.add_argument("--protocol", choices=("nnunet", "transunet"), default="nnunet",
+    parser.add_argument("--protocol", choices=("nnunet",) + tuple(PATIENT_SPLITS), default="nnunet",
                         help="which patients go to training, validation and test (see below; default: "
                              "%(default)s)")
     add_output_args(parser)

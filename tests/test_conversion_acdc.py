@@ -67,6 +67,10 @@ def test_package_ids_match_split_files():
     assert sorted(split_ids.ACDC_MTUNET_TRAIN) == mt["train"]
     assert sorted(split_ids.ACDC_MTUNET_VAL) == mt["val"]
     assert sorted(split_ids.ACDC_MTUNET_TEST) == mt["test"]
+    nf = ft.load_split("acdc_nnformer_70train_10val_20test.json")
+    assert sorted(split_ids.ACDC_NNFORMER_TRAIN) == nf["train"]
+    assert sorted(split_ids.ACDC_NNFORMER_VAL) == nf["val"]
+    assert sorted(split_ids.ACDC_NNFORMER_TEST) == nf["test"]
 
 
 def test_nnunet_protocol_files(nnunet_dataset, release):
@@ -114,9 +118,11 @@ def test_nnunet_protocol_passes_nnunet_integrity_check(nnunet_dataset):
     ft.verify_integrity(nnunet_dataset[1])
 
 
-def test_transunet_protocol(release, env):
-    mt = ft.load_split("acdc_mtunet_70train_10val_20test.json")
-    assert main(["-i", str(release / "database"), "-d", "28", "--protocol", "transunet", "-np", "2"]) == 0
+@pytest.mark.parametrize("protocol,split_file", [("transunet", "acdc_mtunet_70train_10val_20test.json"),
+                                                 ("nnformer", "acdc_nnformer_70train_10val_20test.json")])
+def test_70_10_20_protocols(release, env, protocol, split_file):
+    mt = ft.load_split(split_file)
+    assert main(["-i", str(release / "database"), "-d", "28", "--protocol", protocol, "-np", "2"]) == 0
     ds = env / "nnUNet_raw" / "Dataset028_ACDC"
     assert ft.names(ds / "imagesTr") == {f"{c}_0000.nii.gz" for c in cases(mt["train"] + mt["val"])}
     assert ft.names(ds / "labelsTr") == {f"{c}.nii.gz" for c in cases(mt["train"] + mt["val"])}

@@ -1,8 +1,8 @@
 """The FIAS network: dual-path encoder (DilateFormer + DMK) -> CAF per stage -> MixAtt decoder.
 
 Only the component names are fixed by the FIAS paper; everything below them is a reconstruction from the component
-papers (DilateFormer, SvANet) and common practice, and each such choice is a constructor argument (see
-``../shared/design/architecture.md`` and the README).
+papers (DilateFormer, SvANet) and common practice, and each such choice is a constructor argument (see the
+README's network section).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Case and patient IDs of the published splits the converters reproduce.
 
-Copied from the project's split files (``shared/data/splits/*.json``) because an installed package cannot read
+Copied from the published split files (kept in the repository as ``tests/data/splits/*.json``) because an installed package cannot read
 them at run time; the tests check these lists against the files. Each list names its public source.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fixed small budgets for `nnunetv2_fias demo` (issue 6), FIAS and nnUNetTrainer alike so that `demo --compare`
+"""Fixed small budgets for `nnunetv2_fias demo`, FIAS and nnUNetTrainer alike so that `demo --compare`
 puts them side by side at equal budget.
 
 Each class sets epochs, iterations per epoch, batch size and turns mirroring off (in training and at inference,

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from nnunetv2_fias.architectures.attention import (GlobalSelfAttention, MultiScaleDilatedAttention,
-                                                   dilated_neighborhood_attention,
-                                                   dilated_neighborhood_attention_unfold)
+                                                   dilated_neighborhood_attention)
+from nnunetv2_fias.benchmark.baselines import (dilated_neighborhood_attention_shifted,
+                                              dilated_neighborhood_attention_unfold)
 
 
 def loop_reference(q, k, v, kernel_size, dilation, scale=None, mask=True):
@@ -44,6 +45,9 @@ def test_matches_loop_reference_including_borders(dilation, kernel_size):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     # The unfold baseline computes the same thing.
     torch.testing.assert_close(dilated_neighborhood_attention_unfold(q, k, v, kernel_size, dilation).double(),
+                               expected, rtol=1e-5, atol=1e-5)
+    # ... and so does the shifted-window baseline.
+    torch.testing.assert_close(dilated_neighborhood_attention_shifted(q, k, v, kernel_size, dilation).double(),
                                expected, rtol=1e-5, atol=1e-5)
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -352,3 +355,104 @@ def test_float_label_maps_and_origin_mismatch(dataset, capsys):
     write(dataset["pred"] / "case_00.nii.gz", pred)
     with pytest.raises(EvaluationError, match="case_00.*non-integer"):
         evaluate_folders(dataset["ref"], [dataset["pred"]], num_processes=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output location and exit status
+# ---------------------------------------------------------------------------------------------------------------
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_output_under_a_file_fails_before_scoring(dataset, capsys):
+    blocker = dataset["tmp"] / "results.txt"
+    blocker.write_text("not a folder")
+    out = blocker / "eval" / "run1"
+    # A broken case would stop scoring with an error naming case_01: the output must be refused before that.
+    _break_shape(dataset)
+    rc = evaluation.main(["-r", str(dataset["ref"]), "-p", str(dataset["pred"]), "-o", str(out), "-np", "1"])
+    assert rc == 1
+    lines = _error_lines(capsys)
+    assert len(lines) == 1
+    assert str(out) in lines[0] and str(blocker) in lines[0] and "case_01" not in lines[0]
+    assert blocker.read_text() == "not a folder"
+    assert [p.name for p in dataset["tmp"].iterdir() if p.name.startswith(".")] == []
+
+
+def test_output_in_unwritable_folder_fails_before_scoring(dataset, capsys, monkeypatch):
+    locked = dataset["tmp"] / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: make the permission check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
+    out = locked / "new" / "eval"
+    _break_shape(dataset)
+    try:
+        rc = evaluation.main(["-r", str(dataset["ref"]), "-p", str(dataset["pred"]), "-o", str(out), "-np", "1"])
+    finally:
+        locked.chmod(0o755)
+    assert rc == 1
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and str(out) in lines[0] and "not writable" in lines[0] and "case_01" not in lines[0]
+    assert list(locked.iterdir()) == []
+
+
+def test_output_folder_is_created_with_its_parents(dataset):
+    out = dataset["tmp"] / "new" / "deeper" / "eval"
+    rc = evaluation.main(["-r", str(dataset["ref"]), "-p", str(dataset["pred"]), "-o", str(out), "-np", "1",
+                          "--no-plots"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "summary.json", "summary.md"]
+    assert json.loads((out / "summary.json").read_text())["cases"] == ["case_00", "case_01", "case_02"]
+    # An existing empty folder is used as if new, without --overwrite.
+    empty = dataset["tmp"] / "empty"
+    empty.mkdir()
+    assert evaluation.main(["-r", str(dataset["ref"]), "-p", str(dataset["pred"]), "-o", str(empty), "-np", "1",
+                            "--no-plots"]) == 0
+    assert (empty / "summary.json").is_file()
+    assert [p.name for p in dataset["tmp"].iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("extra", [["-np", "0"], ["-np", "two"], ["--no-such-option"]])
+def test_usage_errors_exit_2(dataset, tmp_path, extra):
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["-r", str(dataset["ref"]), "-p", str(dataset["pred"]), "-o", str(tmp_path / "o"), *extra])
+    assert e.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_api_rejects_bad_process_count_before_scoring(dataset):
+    with pytest.raises(EvaluationError, match="num-processes"):
+        evaluate_folders(dataset["ref"], [dataset["pred"]], num_processes=0, output=dataset["tmp"] / "o")
+    assert not (dataset["tmp"] / "o").exists()
+
+
+def test_console_command_dispatches_to_the_package(dataset, tmp_path, capsys):
+    from nnunetv2_fias.cli import main as console_main
+
+    assert console_main(["evaluate", "-r", str(tmp_path / "nope"), "-p", str(dataset["pred"]), "-o",
+                         str(tmp_path / "o")]) == 1
+    assert _error_lines(capsys) == [f"nnunetv2_fias evaluate: error: -r/--reference {tmp_path / 'nope'} is not a "
+                                    f"folder"]
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"organ": 1}, "Background"),                                 # nnU-Net requires background = 0
+    ({"background": 0, "organ": 1, "ignore": 1}, "ignore"),      # the ignore label must be the highest value
+    ({"background": 0, "organ": 1.5}, "non-negative integers"),
+])
+def test_labels_nnunet_rejects_are_errors(dataset, labels, message):
+    path = write_dataset_json(dataset["tmp"] / "bad", labels)
+    with pytest.raises(EvaluationError, match=message) as e:
+        evaluate_folders(dataset["ref"], [dataset["pred"]], dataset_json=path, num_processes=1)
+    assert str(path) in str(e.value)
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nnunetv2_fias.evaluation", "-r", str(tmp_path / "nope"), "-p",
+                             str(tmp_path), "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"nnunetv2_fias evaluate: error: -r/--reference "
+                                                  f"{tmp_path / 'nope'} is not a folder"]

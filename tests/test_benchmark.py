@@ -1,6 +1,9 @@
-"""`nnunetv2_fias benchmark`: the plumbing (baseline architecture, plans, workers, JSON, errors), not the timings."""
+"""`nnunetv2_fias benchmark`: the plumbing (baseline architecture, plans, workers, JSON, errors) and the activation
+memory count, not the timings."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,9 +75,9 @@ def test_deep_supervision_targets_match_the_model_outputs(kind):
         model = benchmark.build_model(spec)
     with torch.no_grad():
         outs = model(torch.randn(1, 2, *patch))
-    sizes = benchmark._output_sizes(model, spec)
+    sizes = benchmark.output_sizes(model, spec)
     assert [tuple(o.shape[2:]) for o in outs] == sizes
-    weights = benchmark._loss_weights(kind, len(sizes))
+    weights = benchmark.loss_weights(kind, len(sizes))
     assert sum(weights) == pytest.approx(1.0)
     # nnU-Net zeroes its lowest resolution; FIAS's trainer keeps every head in the loss.
     assert (weights[-1] == 0) == (kind == "nnunet")
@@ -96,7 +99,7 @@ def test_skip_timing_counts_params_and_flops_per_patch(tmp_path):
     assert rows["nnU-Net", (64, 64)]["ratio_gflops"] == 1.0
     assert rows["FIAS-T", (64, 64)]["ratio_params"] == pytest.approx(
         rows["FIAS-T", (64, 64)]["params"] / rows["nnU-Net", (64, 64)]["params"])
-    if not benchmark._monai_available():
+    if not benchmark.monai_available():
         assert [s["model"] for s in report["skipped"]] == ["SwinUNETR-2D", "SwinUNETR-2D"]
 
 
@@ -120,7 +123,7 @@ def test_timed_run_from_plans_in_worker_processes(tmp_path):
     assert models["nnU-Net"]["params"] == sum(p.numel() for p in unet.parameters())
     for r in models.values():
         for key in ("params", "gflops", "train_step_ms", "infer_ms", "peak_mem_mb", "ratio_train_step",
-                    "ratio_peak_mem", "fwd_bwd_ms", "ratio_fwd_bwd"):
+                    "ratio_peak_mem", "fwd_bwd_ms", "ratio_fwd_bwd", "activation_mb", "ratio_activation"):
             assert r[key] > 0, (r["model"], key)
         assert len(r["train_step_ms_samples"]) == 2 and len(r["infer_ms_samples"]) == 2
         assert r["peak_mem_mb"] >= r["base_mem_mb"] > 0
@@ -134,7 +137,7 @@ def test_failing_worker_is_reported_with_its_error():
                 amp=False, threads=1, seed=0)
     spec["kind"] = "no-such-model"
     with pytest.raises(benchmark.BenchmarkError, match=r"(?s)worker exited with code 1.*unknown model kind"):
-        benchmark._Worker("broken", spec)
+        benchmark.Worker("broken", spec)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -148,16 +151,17 @@ def test_failing_worker_is_reported_with_its_error():
     (["--preset", "T,XL"], "presets are B, S, T"),
     (["--baselines", "nnunet,unetr"], "unknown unetr"),
     (["--batch", "0"], "--batch must be >= 1"),
+    (["--patch", "0", "0"], "--patch 0 0: sizes must be >= 1"),
     (["--json", "{tmp}/exists.json"], "exists; pass --force"),
     (["--json", "{tmp}/no_dir/out.json"], "does not exist"),
 ])
-def test_user_errors_exit_2_with_a_message_and_write_nothing(tmp_path, capsys, argv, match):
+def test_user_errors_exit_1_with_a_message_and_write_nothing(tmp_path, capsys, argv, match):
     plans, _ = write_plans(tmp_path / "pre")
     (tmp_path / "not_json.json").write_text("{nope")
     (tmp_path / "exists.json").write_text("keep")
     argv = [a.format(tmp=tmp_path, plans=plans) for a in argv]
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    assert benchmark.main(argv) == 2
+    assert benchmark.main(argv) == 1
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
@@ -166,13 +170,138 @@ def test_user_errors_exit_2_with_a_message_and_write_nothing(tmp_path, capsys, a
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_cuda_requested_without_cuda(capsys):
-    assert benchmark.main(["--device", "cuda"]) == 2
+    assert benchmark.main(["--device", "cuda"]) == 1
     assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_runs_as_a_module_entry_point():
-    import subprocess
-    import sys
     proc = subprocess.run([sys.executable, "-m", "nnunetv2_fias.benchmark", "--preset", "Q"], capture_output=True,
                           text=True, env=dict(os.environ), timeout=120)
-    assert proc.returncode == 2 and "--preset 'Q'" in proc.stderr
+    assert proc.returncode == 1 and "--preset 'Q'" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--patch", "64"], ["--device", "tpu"], ["--no-such-option"]])
+def test_usage_errors_exit_2_from_argparse(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(argv + ["--json", str(tmp_path / "out.json")])
+    assert exc.value.code == 2
+    assert "usage: nnunetv2_fias benchmark" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_resolve_returns_a_frozen_config_and_leaves_args_alone(tmp_path):
+    import dataclasses
+
+    plans, arch = write_plans(tmp_path / "pre")
+    args = benchmark.build_parser().parse_args(["--plans", str(plans), "--preset", "T,S", "--device", "cpu"])
+    before = dict(vars(args))
+    config = benchmark.resolve(args)
+    assert vars(args) == before
+    assert (config.presets, config.baselines, config.patches) == (("T", "S"), ("nnunet",), ((32, 32),))
+    assert (config.batch, config.channels, config.classes, config.repeats) == (3, 2, 4, 7)
+    assert config.architecture((32, 32)) == arch
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.batch = 5
+
+
+# ----------------------------------------------------------------------------------------- activation memory
+class _Chain(torch.nn.Module):
+    """x -> Linear(4, 8) -> [Linear(8, 16) -> ReLU -> Linear(16, 8)] -> Linear(8, 3), the bracket optionally
+    checkpointed (non-reentrant), called as the network calls it."""
+
+    def __init__(self, checkpointed: bool):
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.inp, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+        self.block = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False)
+        else:
+            h = self.block(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("checkpointed,expected", [
+    # fp32, batch 2: x (2x4: 32 B) saved by inp; h1 (2x8: 64 B) by block[0]; the ReLU output (2x16: 128 B) by
+    # the ReLU and block[2] (one storage); h2 (2x8: 64 B) by out. Weights are not counted.
+    (False, 32 + 64 + 128 + 64),
+    # Checkpointed: the block's saves are recomputed in backward, but its input h1 stays alive until then.
+    (True, 32 + 64 + 64),
+])
+def test_saved_activation_bytes_are_exact_on_a_linear_chain(checkpointed, expected):
+    import torch.utils.checkpoint as checkpoint_module
+
+    from nnunetv2_fias.benchmark.memory import saved_activation_bytes, saved_activation_mb
+
+    original = checkpoint_module.checkpoint
+    model = _Chain(checkpointed).eval()
+    x = torch.randn(2, 4)
+    assert saved_activation_bytes(model, x) == expected
+    assert saved_activation_mb(model, x) == expected / 2 ** 20
+    assert not model.training and checkpoint_module.checkpoint is original  # mode and torch restored
+
+
+def test_checkpoint_inputs_are_recorded_whatever_torch_passes_to_outer_hooks():
+    # Older torch kept a non-reentrant region's inputs alive without passing them through an outer saved-tensor
+    # hook; the wrapped checkpoint counts them itself (duplicates are removed by storage).
+    from nnunetv2_fias.benchmark.memory import _counting_checkpoint
+
+    a, b = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+    recorded = []
+    with _counting_checkpoint(recorded.append):
+        out = torch.utils.checkpoint.checkpoint(lambda t, pair: t.exp().sum() + pair[0].exp().sum(), a, (b, 1),
+                                                use_reentrant=False)
+    assert [t is a for t in recorded] == [True, False] and recorded[1] is b
+    out.backward()  # the region still recomputes and back-propagates through the wrapper
+    torch.testing.assert_close(a.grad, a.detach().exp())
+
+
+def test_fias_is_built_by_its_trainer_from_the_benchmark_configuration(monkeypatch):
+    from nnunetv2_fias.trainers import FIASTrainer_S
+
+    calls = []
+    real = FIASTrainer_S.build_network_architecture.__func__
+
+    def spy(cls, plans_manager, configuration_manager, channels, classes, enable_deep_supervision=True):
+        calls.append((cls.__name__, configuration_manager, channels, classes, enable_deep_supervision))
+        return real(cls, plans_manager, configuration_manager, channels, classes, enable_deep_supervision)
+
+    monkeypatch.setattr(FIASTrainer_S, "build_network_architecture", classmethod(spy))
+    arch = benchmark.default_nnunet_architecture([64, 64])
+    model = benchmark.build_model(dict(kind="fias", preset="S", channels=2, classes=3, patch=[64, 64], batch=5,
+                                       arch=arch))
+    (name, cm, channels, classes, ds), = calls
+    assert (name, channels, classes, ds) == ("FIASTrainer_S", 2, 3, True)
+    assert (cm.patch_size, cm.batch_size, cm.network_arch_init_kwargs) == ([64, 64], 5, arch["arch_kwargs"])
+    assert model.decoder.deep_supervision
+
+
+def test_skip_timing_reports_activation_memory_and_its_ratio(tmp_path, capsys):
+    out = tmp_path / "sizes.json"
+    assert benchmark.main(["--skip-timing", "--patch", "64", "64", "--batch", "2", "--device", "cpu",
+                           "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["activation_batch"] == 2
+    rows = {r["model"]: r for r in report["results"]}
+    assert set(rows) == {"FIAS-T", "nnU-Net"}
+    assert rows["FIAS-T"]["activation_mb"] > 0 and rows["nnU-Net"]["activation_mb"] > 0
+    assert rows["nnU-Net"]["ratio_activation"] == 1.0
+    ratio = rows["FIAS-T"]["activation_mb"] / rows["nnU-Net"]["activation_mb"]
+    assert rows["FIAS-T"]["ratio_activation"] == pytest.approx(ratio)
+    # The table printed is the report: an act MB column with the ratio to nnU-Net's U-Net.
+    table = capsys.readouterr().out
+    assert "act MB" in table
+    fias_line = next(line for line in table.splitlines() if line.startswith("| FIAS-T "))
+    assert f"| {rows['FIAS-T']['activation_mb']:.1f} | {ratio:.2f} |" in fias_line
+
+
+def test_fias_alone_accepts_a_patch_nnunet_would_pad(tmp_path):
+    out = tmp_path / "sizes.json"
+    assert benchmark.main(["--skip-timing", "--patch", "40", "40", "--batch", "1", "--baselines", "none",
+                           "--device", "cpu", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "FIAS-T" and row["activation_mb"] > 0 and row["ratio_activation"] is None

@@ -11,6 +11,7 @@ The network uses :func:`nnunetv2_fias.architectures.attention.dilated_neighborho
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_fias.architectures.attention import _check_qkv, dilated_neighborhood_attention
+from nnunetv2_fias.benchmark.memory import saved_tensor_bytes
 
 
 def _neighbour_offsets(kernel_size: int, dilation: int) -> list[tuple[int, int]]:
@@ -120,16 +122,8 @@ def attention_benchmark(size: int = 128, batch: int = 2, heads: int = 1, head_di
                 fn(q, k, v, 3, dil).sum().backward()
             times.append(time.perf_counter() - t0)
         # Memory saved for backward: the tensors autograd keeps alive between forward and backward.
-        saved = {}
-
-        def pack(t):
-            storage = t.untyped_storage()  # views share a storage: count each once
-            saved[storage.data_ptr()] = storage.nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn(q, k, v, 3, 2)
-        del out
-        results[name] = (statistics.median(times[1:]), sum(saved.values()) / 2 ** 20)
+        saved = saved_tensor_bytes(functools.partial(fn, q, k, v, 3, 2))
+        results[name] = (statistics.median(times[1:]), saved / 2 ** 20)
     base_t, base_m = results["unfold (naive)"]
     for name, (t, m) in results.items():
         print(f"  {name:<16} {t * 1e3:8.1f} ms  ({t / base_t:4.2f}x)   saved for backward {m:7.1f} MiB "

@@ -5,14 +5,23 @@ dynamic-network-architectures. Transformer parts work on channels-last tokens ``
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Type
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
+with warnings.catch_warnings():
+    # timm's import applies torch.jit.interface, which torch 2.14 deprecates with a FutureWarning that every command
+    # importing FIAS would print first; nothing here uses TorchScript.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.* is deprecated", category=FutureWarning)
+    from timm.layers import DropPath, Mlp, trunc_normal_
+
 from .attention import GlobalSelfAttention, MultiScaleDilatedAttention
+
+# DilateFormer's LayerNorm epsilon (its blocks and final norm), kept so that its ImageNet weights behave as trained.
+LN_EPS = 1e-6
 
 
 def init_weights(module: nn.Module) -> None:
@@ -45,14 +54,30 @@ def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.shape[-2] * x.shape[-1] >= 256 else torch.contiguous_format
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that also trains on a single value per channel (batch 1 at a 1x1 stage).
+
+    nnU-Net's ``-num_gpus`` splits the planned batch across processes, so a rank may see one sample; at the coarsest
+    stage of a small patch that is one value per channel, where batch statistics do not exist and plain BatchNorm
+    raises. There this layer normalises with its running statistics and leaves them unchanged. Same parameters,
+    buffers and state-dict keys as ``nn.BatchNorm2d`` (nnU-Net's DDP path converts it to ``SyncBatchNorm``, whose
+    statistics span all processes).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats and x.numel() == x.shape[1]:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class ConvNormAct(nn.Sequential):
     """``conv -> norm -> (nonlin)``; ``groups=channels`` gives a depthwise conv."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
-                 norm_op: Type[nn.Module] = nn.BatchNorm2d, norm_kwargs: dict | None = None,
-                 nonlin: Type[nn.Module] | None = nn.GELU, nonlin_kwargs: dict | None = None):
+                 norm_op: Type[nn.Module] = BatchNorm2d, norm_kwargs: dict | None = None,
+                 nonlin: Type[nn.Module] | None = nn.GELU, nonlin_kwargs: dict | None = None, bias: bool = False):
         layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups,
-                            bias=False),
+                            bias=bias),
                   norm_op(out_channels, **(norm_kwargs or {}))]
         if nonlin is not None:
             layers.append(nonlin(**(nonlin_kwargs or {})))
@@ -60,24 +85,29 @@ class ConvNormAct(nn.Sequential):
 
 
 class OverlapStem(nn.Sequential):
-    """DilateFormer's overlapping stem to stride 4: 3x3 convs with strides 1, 2, 1, 2, widening to ``out_channels``."""
+    """DilateFormer's overlapping stem to stride 4, in its official layout (so ImageNet weights load one to one):
+    3x3 convs without bias at strides 1, 2, 1, 2, widths ``hidden``, ``2 * hidden``, ``4 * hidden``,
+    ``out_channels``, BatchNorm and GELU after all but the last.
 
-    def __init__(self, in_channels: int, out_channels: int, norm_op=nn.BatchNorm2d, norm_kwargs=None,
+    DilateFormer uses ``hidden = 16`` for every model size: 16 channels at full and 32/64 at half resolution keep
+    the full-resolution activations small (a third of a ``out_channels / 2``-wide stem's at 512x512).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 16, norm_op=BatchNorm2d, norm_kwargs=None,
                  nonlin=nn.GELU, nonlin_kwargs=None):
-        half = max(out_channels // 2, 1)
-        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin_kwargs=nonlin_kwargs)
+        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         super().__init__(
-            ConvNormAct(in_channels, half, 3, 1, nonlin=nonlin, **ops),
-            ConvNormAct(half, half, 3, 2, nonlin=nonlin, **ops),
-            ConvNormAct(half, out_channels, 3, 1, nonlin=nonlin, **ops),
-            ConvNormAct(out_channels, out_channels, 3, 2, nonlin=None, **ops),
+            ConvNormAct(in_channels, hidden, 3, 1, **ops),
+            ConvNormAct(hidden, 2 * hidden, 3, 2, **ops),
+            ConvNormAct(2 * hidden, 4 * hidden, 3, 1, **ops),
+            nn.Conv2d(4 * hidden, out_channels, 3, 2, 1, bias=False),
         )
 
 
 class ConvStem(nn.Sequential):
     """DMK branch stem to stride 4: two 3x3 stride-2 convs with norm and activation."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm_op=nn.BatchNorm2d, norm_kwargs=None,
+    def __init__(self, in_channels: int, out_channels: int, norm_op=BatchNorm2d, norm_kwargs=None,
                  nonlin=nn.GELU, nonlin_kwargs=None):
         ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         super().__init__(ConvNormAct(in_channels, max(out_channels // 2, 1), 3, 2, **ops),
@@ -96,7 +126,7 @@ class DilateBlock(nn.Module):
                  kernel_size: int = 3, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
         super().__init__()
         self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         if attention == "msda":
             self.attn = MultiScaleDilatedAttention(dim, num_heads, dilations, kernel_size, qkv_bias)
         elif attention == "global":
@@ -104,7 +134,7 @@ class DilateBlock(nn.Module):
         else:
             raise ValueError(f"attention must be 'msda' or 'global', got {attention!r}")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +155,7 @@ class DMKBlock(nn.Module):
     """
 
     def __init__(self, channels: int, kernel_sizes: Sequence[int] = (3, 5, 7), expansion: float = 2.0,
-                 drop_path: float = 0.0, norm_op=nn.BatchNorm2d, norm_kwargs=None, nonlin=nn.GELU, nonlin_kwargs=None):
+                 drop_path: float = 0.0, norm_op=BatchNorm2d, norm_kwargs=None, nonlin=nn.GELU, nonlin_kwargs=None):
         super().__init__()
         if not kernel_sizes or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"dmk_kernel_sizes must be positive odd integers, got {tuple(kernel_sizes)}")
@@ -268,7 +298,7 @@ class MixAttBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, skip_channels: int, num_heads: int, kv_reduction: int = 1,
-                 mc_pool_sizes: Sequence[int] = (1, 2, 3), norm_op=nn.BatchNorm2d, norm_kwargs=None, nonlin=nn.GELU,
+                 mc_pool_sizes: Sequence[int] = (1, 2, 3), norm_op=BatchNorm2d, norm_kwargs=None, nonlin=nn.GELU,
                  nonlin_kwargs=None):
         super().__init__()
         ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)

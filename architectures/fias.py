@@ -6,15 +6,17 @@ README's network section).
 """
 from __future__ import annotations
 
-import math
+import contextlib
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
-from .blocks import (CAF_VARIANTS, ContextAwareFusion, ConvNormAct, ConvStem, DMKBlock, DilateBlock, MixAttBlock,
-                     OverlapStem, conv_memory_format, init_weights)
+from .blocks import (CAF_VARIANTS, LN_EPS, BatchNorm2d, ContextAwareFusion, ConvNormAct, ConvStem, DMKBlock,
+                     DilateBlock, MixAttBlock, OverlapStem, conv_memory_format, init_weights)
 
 FIAS_PRESETS: dict[str, dict] = {
     # DilateFormer-Tiny/Small/Base layouts for the global branch.
@@ -28,6 +30,51 @@ FIAS_PRESETS: dict[str, dict] = {
 
 STAGE_STRIDES = (4, 8, 16, 32)
 
+# Encoder stages (both branches) whose blocks are recomputed in backward instead of keeping their activations.
+DEFAULT_CHECKPOINT_STAGES = (0, 1)
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(module: nn.Module):
+    """BatchNorm running statistics inside ``module`` are restored on exit: whatever runs inside updates them in
+    vain. (Turning ``track_running_stats`` off instead would change which tensors BatchNorm saves, and checkpointing
+    requires the recomputation to save exactly what the forward pass saved.)"""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(buffers, saved):
+                b.copy_(value)
+
+
+def _checkpoint_contexts(module: nn.Module):
+    # The recomputation in backward is a second training-mode forward pass: without this, every BatchNorm in a
+    # checkpointed block would update its running statistics twice per step.
+    return contextlib.nullcontext(), _running_statistics_kept(module)
+
+
+def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, keeping only ``x`` for backward and recomputing the rest there (non-reentrant checkpointing).
+
+    Under ``torch.compile`` the recomputation is planned by the compiler, which does not replay the BatchNorm
+    updates; the context that prevents that in eager mode is then left out (dynamo accepts no custom context_fn).
+    """
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False,
+                                             context_fn=partial(_checkpoint_contexts, module))
+
+
+def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
+    if not (checkpoint and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = checkpointed(block, x)
+    return x
+
 
 def _four(name: str, value, cast=int) -> tuple:
     value = tuple(cast(v) for v in value)
@@ -39,30 +86,34 @@ def _four(name: str, value, cast=int) -> tuple:
 class DilateFormerBranch(nn.Module):
     """Global branch: overlapping stem, then per stage (downsampling for stages 2-4 and) DilateFormer blocks.
 
-    Stages listed in ``msda_stages`` use multi-scale dilated attention, the others global self-attention.
-    Returns the NCHW feature of every stage (taken before the next downsampling).
+    Stages listed in ``msda_stages`` use multi-scale dilated attention, the others global self-attention. The layout
+    follows the official DilateFormer (stem, biased downsampling convolutions, LayerNorm epsilon) so that its
+    ImageNet weights load one to one. Returns the NCHW feature of every stage (taken before the next downsampling).
+    Blocks of the stages in ``checkpoint_stages`` are recomputed in backward instead of keeping their activations.
     """
 
     def __init__(self, in_channels, widths, depths, num_heads, msda_stages, dilations, kernel_size, mlp_ratio,
-                 qkv_bias, drop_path_rates, norm_op, norm_kwargs):
+                 qkv_bias, drop_path_rates, norm_op, norm_kwargs, stem_width=16, checkpoint_stages=()):
         super().__init__()
-        self.stem = OverlapStem(in_channels, widths[0], norm_op, norm_kwargs)
+        self.stem = OverlapStem(in_channels, widths[0], stem_width, norm_op, norm_kwargs)
         self.downsamples = nn.ModuleList(
             [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, 2, norm_op=norm_op, norm_kwargs=norm_kwargs,
-                                           nonlin=None) for s in range(1, 4)])
+                                           nonlin=None, bias=True) for s in range(1, 4)])
+        self.checkpoint_stages = frozenset(checkpoint_stages)
         rates = iter(drop_path_rates)
         self.stages = nn.ModuleList(
             nn.Sequential(*[DilateBlock(widths[s], num_heads[s], "msda" if s in msda_stages else "global", dilations,
                                         kernel_size, mlp_ratio, qkv_bias, next(rates)) for _ in range(depths[s])])
             for s in range(4))
-        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
+        self.norms = nn.ModuleList(nn.LayerNorm(w, eps=LN_EPS) for w in widths)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         features = []
-        for down, stage, norm in zip(self.downsamples, self.stages, self.norms):
+        for s, (down, stage, norm) in enumerate(zip(self.downsamples, self.stages, self.norms)):
             x = down(x.contiguous(memory_format=conv_memory_format(x)))
-            x = norm(stage(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            x = _run_blocks(stage, x.permute(0, 2, 3, 1), self.training and s in self.checkpoint_stages)
+            x = norm(x).permute(0, 3, 1, 2)
             features.append(x)
         return features
 
@@ -71,8 +122,9 @@ class DMKBranch(nn.Module):
     """Local branch: conv stem, then per stage (downsampling for stages 2-4 and) depthwise multi-kernel blocks."""
 
     def __init__(self, in_channels, widths, depths, kernel_sizes, expansion, drop_path_rates, norm_op, norm_kwargs,
-                 nonlin):
+                 nonlin, checkpoint_stages=()):
         super().__init__()
+        self.checkpoint_stages = frozenset(checkpoint_stages)
         ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs)
         self.stem = ConvStem(in_channels, widths[0], nonlin=nonlin, **ops)
         self.downsamples = nn.ModuleList(
@@ -86,9 +138,10 @@ class DMKBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         features = []
-        for down, stage in zip(self.downsamples, self.stages):
+        for s, (down, stage) in enumerate(zip(self.downsamples, self.stages)):
             x = down(x)
-            x = stage(x.contiguous(memory_format=conv_memory_format(x)))
+            x = _run_blocks(stage, x.contiguous(memory_format=conv_memory_format(x)),
+                            self.training and s in self.checkpoint_stages)
             features.append(x)
         return features
 
@@ -112,9 +165,26 @@ class DualPathEncoder(nn.Module):
         return [caf(g, l) for caf, g, l in zip(self.fusions, self.global_branch(x), self.local_branch(x))]
 
 
+_OLD_HEAD_NAMES = {"main_head.": "seg_layers.0."} | {f"aux_heads.{i}.": f"seg_layers.{i + 1}." for i in range(3)}
+
+
+def _rename_old_heads(module, state_dict, prefix, *args) -> None:
+    """Load checkpoints saved before the heads were named ``seg_layers`` (``main_head``, ``aux_heads.i``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _OLD_HEAD_NAMES.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
+
+
 class MixAttDecoder(nn.Module):
-    """MixAtt decoder built from the encoder's topology, with a main head (stride 4, upsampled to the input) and
-    auxiliary heads on the stride 8, 16 and 32 features.
+    """MixAtt decoder built from the encoder's topology, with segmentation heads on the stride 4 feature (the main
+    output, upsampled to the input) and on the stride 8, 16 and 32 features (deep supervision).
+
+    The heads are ``seg_layers[0..3]`` (main first), the name nnU-Net's own decoders use: ``nnUNetv2_train
+    -pretrained_weights`` skips exactly the keys containing ``.seg_layers.``, so fine-tuning into a dataset with
+    another label set works. Checkpoints with the earlier names (``main_head``, ``aux_heads.i``) still load.
 
     ``deep_supervision`` is a plain attribute that nnU-Net toggles at run time; the set of parameters never depends
     on it.
@@ -129,23 +199,61 @@ class MixAttDecoder(nn.Module):
         self.stages = nn.ModuleList(
             MixAttBlock(ch[s + 1], ch[s], num_heads[s], kv_reduction[s], mc_pool_sizes, norm_op, norm_kwargs, nonlin)
             for s in (2, 1, 0))  # coarse to fine
-        self.main_head = nn.Conv2d(ch[0], num_classes, 1)
-        self.aux_heads = nn.ModuleList(nn.Conv2d(ch[s], num_classes, 1) for s in (1, 2, 3))
+        self.seg_layers = nn.ModuleList(nn.Conv2d(ch[s], num_classes, 1) for s in range(4))
+        self.register_load_state_dict_pre_hook(_rename_old_heads)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Returns logits on the padded grid: ``[main (stride 4)]`` or ``[main, aux s8, aux s16, aux s32]``."""
         decoded = [features[3]]  # D_4 = F_4
         for block, skip in zip(self.stages, (features[2], features[1], features[0])):
             decoded.append(block(decoded[-1], skip))
-        d4, d3, d2, d1 = decoded
-        main = self.main_head(d1)
+        fine_to_coarse = decoded[::-1]
+        main = self.seg_layers[0](fine_to_coarse[0])
         if self.deep_supervision:
-            return [main] + [head(d) for head, d in zip(self.aux_heads, (d2, d3, d4))]
+            return [main] + [head(d) for head, d in zip(self.seg_layers[1:], fine_to_coarse[1:])]
         if self.training:
             # Keep the auxiliary heads in the graph with a zero contribution, so DistributedDataParallel without
             # find_unused_parameters (nnU-Net's -num_gpus) also works when training without deep supervision.
-            main = main + 0.0 * sum(p.sum() for p in self.aux_heads.parameters())
+            main = main + 0.0 * sum(p.sum() for p in self.seg_layers[1:].parameters())
         return [main]
+
+
+def _validated_config(input_channels, num_classes, preset, widths, global_depths, num_heads, local_depths,
+                      msda_stages, dilations, decoder_kv_reduction, caf_variant, drop_path_rate, stem_width,
+                      checkpoint_stages) -> dict:
+    """Resolve the preset and check FIAS's arguments; every error names the argument and the value."""
+    if preset not in FIAS_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(FIAS_PRESETS)}, got {preset!r}")
+    if input_channels < 1 or num_classes < 1:
+        raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels} and {num_classes}")
+    given = dict(widths=widths, global_depths=global_depths, num_heads=num_heads, local_depths=local_depths)
+    cfg = {name: _four(name, value if value is not None else FIAS_PRESETS[preset][name])
+           for name, value in given.items()}
+    for name, low in (("widths", 1), ("global_depths", 0), ("num_heads", 1), ("local_depths", 0)):
+        if min(cfg[name]) < low:
+            raise ValueError(f"{name} must be >= {low} per stage, got {cfg[name]}")
+    for s, (w, h) in enumerate(zip(cfg["widths"], cfg["num_heads"])):
+        if w % h:
+            raise ValueError(f"num_heads[{s}]={h} must divide widths[{s}]={w}")
+    for name, stages in (("msda_stages", msda_stages), ("checkpoint_stages", checkpoint_stages)):
+        cfg[name] = tuple(int(s) for s in stages)
+        if any(s not in range(4) for s in cfg[name]):
+            raise ValueError(f"{name} must hold stage indices 0..3, got {cfg[name]}")
+    for s in cfg["msda_stages"]:
+        if cfg["num_heads"][s] % len(dilations):
+            raise ValueError(f"num_heads[{s}]={cfg['num_heads'][s]} must be divisible by the number of dilation rates "
+                             f"{len(tuple(dilations))} (dilations={tuple(dilations)}), since stage {s} uses MSDA")
+    cfg["decoder_kv_reduction"] = tuple(int(r) for r in decoder_kv_reduction)
+    if len(cfg["decoder_kv_reduction"]) != 3 or min(cfg["decoder_kv_reduction"]) < 1:
+        raise ValueError("decoder_kv_reduction needs three factors >= 1 (strides 4, 8, 16), "
+                         f"got {cfg['decoder_kv_reduction']}")
+    if caf_variant not in CAF_VARIANTS:
+        raise ValueError(f"caf_variant must be one of {CAF_VARIANTS}, got {caf_variant!r}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    if stem_width < 1:
+        raise ValueError(f"stem_width must be >= 1, got {stem_width}")
+    return cfg
 
 
 class FIAS(nn.Module):
@@ -175,7 +283,14 @@ class FIAS(nn.Module):
         decoder_kv_reduction: key/value pooling of the decoder self-attention at strides 4, 8, 16
             (default 4, 2, 1: 1/16 of the keys at stride 4, 1/4 at stride 8, all at stride 16).
         mc_pool_sizes: Monte Carlo attention pooling sizes (default 1, 2, 3, as SvANet).
-        norm_op, norm_kwargs: normalisation of the convolutional parts (default BatchNorm2d).
+        stem_width: width of the global branch's full-resolution stem convolution; the half-resolution ones have
+            2x and 4x (default 16: DilateFormer's own stem, 16/32/64 channels).
+        checkpoint_stages: encoder stages (0-based, both branches) whose blocks are recomputed in backward instead of
+            keeping their activations (activation checkpointing, only while training with gradients). The default
+            (0, 1) keeps FIAS-T's training memory below nnU-Net's U-Net's at the same patch and batch, for about 15 %
+            more compute per training step; ``()`` turns it off (docs/benchmarks.md has the figures).
+        norm_op, norm_kwargs: normalisation of the convolutional parts (default :class:`BatchNorm2d`, which also
+            trains at batch 1 on a 1x1 stage).
         nonlin: activation of the convolutional parts (default GELU).
 
     The input is zero-padded (bottom/right) to a multiple of 32 and every output is cropped back, so any 2D size
@@ -196,55 +311,29 @@ class FIAS(nn.Module):
                  num_heads: Sequence[int] | None = None, local_depths: Sequence[int] | None = None,
                  msda_stages: Sequence[int] = (0, 1), dilations: Sequence[int] = (1, 2, 3), kernel_size: int = 3,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.1,
-                 dmk_kernel_sizes: Sequence[int] = (3, 5, 7), dmk_expansion: float = 2.0,
+                 stem_width: int = 16, dmk_kernel_sizes: Sequence[int] = (3, 5, 7), dmk_expansion: float = 2.0,
                  caf_variant: str = "select", caf_reduction: int = 4,
                  decoder_kv_reduction: Sequence[int] = (4, 2, 1), mc_pool_sizes: Sequence[int] = (1, 2, 3),
-                 norm_op: type[nn.Module] = nn.BatchNorm2d, norm_kwargs: dict | None = None,
+                 checkpoint_stages: Sequence[int] = DEFAULT_CHECKPOINT_STAGES,
+                 norm_op: type[nn.Module] = BatchNorm2d, norm_kwargs: dict | None = None,
                  nonlin: type[nn.Module] = nn.GELU):
         super().__init__()
-        if preset not in FIAS_PRESETS:
-            raise ValueError(f"preset must be one of {sorted(FIAS_PRESETS)}, got {preset!r}")
-        if input_channels < 1 or num_classes < 1:
-            raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels} and {num_classes}")
-        cfg = FIAS_PRESETS[preset]
-        widths = _four("widths", widths if widths is not None else cfg["widths"])
-        global_depths = _four("global_depths", global_depths if global_depths is not None else cfg["global_depths"])
-        num_heads = _four("num_heads", num_heads if num_heads is not None else cfg["num_heads"])
-        local_depths = _four("local_depths", local_depths if local_depths is not None else cfg["local_depths"])
-        for name, seq, low in (("widths", widths, 1), ("global_depths", global_depths, 0),
-                               ("num_heads", num_heads, 1), ("local_depths", local_depths, 0)):
-            if min(seq) < low:
-                raise ValueError(f"{name} must be >= {low} per stage, got {seq}")
-        for s, (w, h) in enumerate(zip(widths, num_heads)):
-            if w % h:
-                raise ValueError(f"num_heads[{s}]={h} must divide widths[{s}]={w}")
-        msda_stages = tuple(int(s) for s in msda_stages)
-        if any(s not in range(4) for s in msda_stages):
-            raise ValueError(f"msda_stages must hold stage indices 0..3, got {msda_stages}")
-        for s in msda_stages:
-            if num_heads[s] % len(dilations):
-                raise ValueError(f"num_heads[{s}]={num_heads[s]} must be divisible by the number of dilation rates "
-                                 f"{len(tuple(dilations))} (dilations={tuple(dilations)}), since stage {s} uses MSDA")
-        decoder_kv_reduction = tuple(int(r) for r in decoder_kv_reduction)
-        if len(decoder_kv_reduction) != 3 or min(decoder_kv_reduction) < 1:
-            raise ValueError("decoder_kv_reduction needs three factors >= 1 (strides 4, 8, 16), "
-                             f"got {decoder_kv_reduction}")
-        if caf_variant not in CAF_VARIANTS:
-            raise ValueError(f"caf_variant must be one of {CAF_VARIANTS}, got {caf_variant!r}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-
+        cfg = _validated_config(input_channels, num_classes, preset, widths, global_depths, num_heads, local_depths,
+                                msda_stages, dilations, decoder_kv_reduction, caf_variant, drop_path_rate,
+                                stem_width, checkpoint_stages)
+        widths, global_depths, local_depths = cfg["widths"], cfg["global_depths"], cfg["local_depths"]
         self.input_channels, self.num_classes = input_channels, num_classes
         self.preset = preset
         g_rates = torch.linspace(0, drop_path_rate, sum(global_depths)).tolist()
         l_rates = torch.linspace(0, drop_path_rate, sum(local_depths)).tolist()
-        global_branch = DilateFormerBranch(input_channels, widths, global_depths, num_heads, msda_stages, dilations,
-                                           kernel_size, mlp_ratio, qkv_bias, g_rates, norm_op, norm_kwargs)
+        global_branch = DilateFormerBranch(input_channels, widths, global_depths, cfg["num_heads"], cfg["msda_stages"],
+                                           dilations, kernel_size, mlp_ratio, qkv_bias, g_rates, norm_op, norm_kwargs,
+                                           stem_width, cfg["checkpoint_stages"])
         local_branch = DMKBranch(input_channels, widths, local_depths, dmk_kernel_sizes, dmk_expansion, l_rates,
-                                 norm_op, norm_kwargs, nonlin)
+                                 norm_op, norm_kwargs, nonlin, cfg["checkpoint_stages"])
         self.encoder = DualPathEncoder(global_branch, local_branch, widths, caf_variant, caf_reduction)
-        self.decoder = MixAttDecoder(self.encoder, num_classes, num_heads, decoder_kv_reduction, mc_pool_sizes,
-                                     deep_supervision, norm_op, norm_kwargs, nonlin)
+        self.decoder = MixAttDecoder(self.encoder, num_classes, cfg["num_heads"], cfg["decoder_kv_reduction"],
+                                     mc_pool_sizes, deep_supervision, norm_op, norm_kwargs, nonlin)
         self.apply(init_weights)
 
     def output_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:

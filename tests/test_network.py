@@ -195,5 +195,9 @@ def test_cpu_memory_layout_choices_do_not_change_the_numbers(monkeypatch):
     for a, b in zip(outs, ref_outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for (name, _), a, b in zip(net.named_parameters(), grads, ref_grads):
+        if name.startswith("encoder.global_branch.downsamples.") and name.endswith(".0.bias"):
+            # DilateFormer's biased convolution before BatchNorm: the bias's true gradient is 0, both are noise.
+            assert a.abs().max() < 1e-5 and b.abs().max() < 1e-5, name
+            continue
         # Relative to the tensor's scale: summation order differs between layouts.
         assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8, name

@@ -1,0 +1,119 @@
+"""FIAS's training-memory measures and the cases nnU-Net's GPU path meets: activation checkpointing, batch 1 at a
+1x1 stage, the official DilateFormer stem, and the heads' names that nnU-Net's fine-tuning relies on."""
+import copy
+
+import pytest
+import torch
+
+from nnunetv2_fias.architectures import FIAS
+from nnunetv2_fias.architectures.blocks import BatchNorm2d
+
+TINY = dict(widths=(12, 24, 48, 96), global_depths=(1, 2, 1, 1), num_heads=(3, 3, 6, 6), local_depths=(2, 1, 1, 1))
+
+
+def tiny(**kwargs):
+    return FIAS(1, 3, deep_supervision=True, **{**TINY, **kwargs})
+
+
+def _step(net, x, seed=1):
+    torch.manual_seed(seed)  # same drop-path and Monte Carlo draws
+    net.zero_grad(set_to_none=True)
+    outs = net(x)
+    sum(o.square().mean() for o in outs).backward()
+    return [o.detach() for o in outs]
+
+
+def test_checkpointing_changes_nothing_but_memory():
+    torch.manual_seed(0)
+    plain = tiny(checkpoint_stages=(), drop_path_rate=0.2)
+    ckpt = tiny(checkpoint_stages=(0, 1, 2, 3), drop_path_rate=0.2)
+    ckpt.load_state_dict(plain.state_dict())
+    plain.train(), ckpt.train()
+    x = torch.randn(2, 1, 48, 64)
+    for _ in range(2):
+        for a, b in zip(_step(plain, x), _step(ckpt, x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    # The recomputation in backward must not update BatchNorm running statistics a second time.
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    bn = ckpt.encoder.local_branch.stages[0][0].expand[1]
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_checkpointing_keeps_fewer_tensors_for_backward():
+    def saved_bytes(net, x):
+        seen = {}
+        params = {t.untyped_storage().data_ptr() for t in list(net.parameters()) + list(net.buffers())}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(x)
+        return sum(seen.values())
+
+    x = torch.randn(1, 1, 64, 64)
+    plain, ckpt = tiny(checkpoint_stages=()).train(), tiny(checkpoint_stages=(0, 1)).train()
+    assert saved_bytes(ckpt, x) < 0.8 * saved_bytes(plain, x)
+    with torch.no_grad():  # no checkpointing without gradients (inference, validation)
+        ckpt(x)
+
+
+def test_default_is_checkpointing_the_two_fine_stages():
+    net = FIAS(1, 2)
+    assert net.encoder.global_branch.checkpoint_stages == {0, 1}
+    assert net.encoder.local_branch.checkpoint_stages == {0, 1}
+    with pytest.raises(ValueError, match="checkpoint_stages"):
+        FIAS(1, 2, checkpoint_stages=(4,))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (16, 24), (1, 1)])
+def test_batch_one_trains_when_a_stage_is_1x1(size):
+    net = tiny().train()
+    outs = net(torch.randn(1, 1, *size))
+    sum(o.mean() for o in outs).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_batchnorm_single_value_uses_running_statistics_and_keeps_them():
+    bn = BatchNorm2d(4).train()
+    bn.running_mean.fill_(1.0)
+    bn.running_var.fill_(4.0)
+    x = torch.full((1, 4, 1, 1), 3.0)
+    torch.testing.assert_close(bn(x), torch.ones(1, 4, 1, 1), rtol=1e-4, atol=1e-4)
+    assert bn.running_mean.eq(1.0).all() and bn.running_var.eq(4.0).all()
+    ref = torch.nn.BatchNorm2d(4).train()
+    y = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(bn(y), ref(y))  # otherwise plain BatchNorm
+
+
+def test_official_dilateformer_stem_layout():
+    stem = FIAS(3, 2).encoder.global_branch.stem
+    convs = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0], c.bias is None) for c in convs] == [
+        (3, 16, 1, True), (16, 32, 2, True), (32, 64, 1, True), (64, 72, 2, True)]
+    assert FIAS(1, 2, stem_width=8).encoder.global_branch.stem[0][0].out_channels == 8
+
+
+def test_heads_are_seg_layers_and_old_names_still_load():
+    net = tiny()
+    heads = [k for k in net.state_dict() if ".seg_layers." in "." + k]
+    # nnU-Net's -pretrained_weights skips exactly the keys containing ".seg_layers.": all head tensors, no others.
+    assert sorted(heads) == sorted(f"decoder.seg_layers.{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    old = {}
+    for key, value in net.state_dict().items():
+        key = key.replace("seg_layers.0.", "main_head.")
+        for i in range(3):
+            key = key.replace(f"seg_layers.{i + 1}.", f"aux_heads.{i}.")
+        old[key] = value.clone()
+    assert "decoder.main_head.weight" in old and "decoder.aux_heads.2.bias" in old
+    fresh = tiny()
+    fresh.load_state_dict(old)  # strict
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)
+    wrapped = torch.nn.Sequential(copy.deepcopy(fresh))  # also under a prefix
+    wrapped.load_state_dict({"0." + k: v for k, v in old.items()})

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_fias.dataset_conversion.common import (
-    EXIT_CODES, FILE_ENDING, ConversionError, DatasetOutput, add_dataset_id_arg, add_output_args, cli,
-    convert_nifti_case, find_nifti, format_ids, report, require_input_folder, run_cases, visible_entries,
-    write_dataset_json)
+from nnunetv2_fias.dataset_conversion.cases import convert_nifti_case
+from nnunetv2_fias.dataset_conversion.checks import find_nifti, format_ids, require_input_folder, visible_entries
+from nnunetv2_fias.dataset_conversion.common import FILE_ENDING, ConversionError
+from nnunetv2_fias.dataset_conversion.output import DatasetOutput, nnunet_folders, write_dataset_json
+from nnunetv2_fias.dataset_conversion.runner import (EXIT_CODES, Task, add_dataset_id_arg, add_output_args, cli,
+                                                     print_messages, write_dataset)
 from nnunetv2_fias.dataset_conversion.split_ids import (ACDC_MTUNET_TEST, ACDC_MTUNET_TRAIN, ACDC_MTUNET_VAL,
                                                         ACDC_NNFORMER_TEST, ACDC_NNFORMER_TRAIN,
                                                         ACDC_NNFORMER_VAL, ACDC_TEST_PATIENTS,
@@ -40,6 +42,14 @@ LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 PATIENT_SPLITS = {
     "transunet": (ACDC_MTUNET_TRAIN, ACDC_MTUNET_VAL, ACDC_MTUNET_TEST),
     "nnformer": (ACDC_NNFORMER_TRAIN, ACDC_NNFORMER_VAL, ACDC_NNFORMER_TEST),
+}
+PROTOCOL_TEXT = {
+    "nnunet": "nnU-Net Dataset027 protocol: all 100 training patients (200 ED/ES cases) in imagesTr, "
+              "nnU-Net's patient-grouped 5-fold split (seed 1234); official test patients in imagesTs",
+    "transunet": "TransUNet-family 2D protocol (MT-UNet split): 70 train / 10 validation patients in "
+                 "imagesTr (one fold in splits_final.json), 20 test patients in imagesTs/labelsTs",
+    "nnformer": "nnFormer protocol: 70 train / 10 validation patients in imagesTr (one fold in "
+                "splits_final.json), the same 20 test patients as MT-UNet in imagesTs/labelsTs",
 }
 PATIENT_RE = re.compile(r"patient(\d{3})")
 MIRROR_RE = re.compile(r"(patient\d{3})_sax_(ed|es)(_gt)?\.nii(?:\.gz)?")
@@ -237,6 +247,36 @@ def build_splits(frames: dict[int, list[Frame]], val_folds: list[list[int]]) -> 
     return splits
 
 
+def case_tasks(train_frames: dict[int, list[Frame]], test_frames: dict[int, list[Frame]], staging: Path) -> list[Task]:
+    """One worker call per frame: image copied unchanged, label checked for the values 0-3."""
+    tasks = []
+    for frames, tr in ((train_frames, "Tr"), (test_frames, "Ts")):
+        for f in (f for fs in frames.values() for f in fs):
+            tasks.append((convert_nifti_case, dict(
+                image=str(f.image), label=str(f.label) if f.label else None,
+                out_image=str(staging / f"images{tr}" / f"{f.case}_0000{FILE_ENDING}"),
+                out_label=str(staging / f"labels{tr}" / f"{f.case}{FILE_ENDING}") if f.label else None,
+                allowed=list(LABELS.values()), mapping=None)))
+    return tasks
+
+
+def write_acdc_json(staging: Path, dataset_name: str, protocol: str, layout: str,
+                    train_frames: dict[int, list[Frame]], test_frames: dict[int, list[Frame]]) -> None:
+    source = "ACDC release" if layout == "release" else "preprocessed mirror"
+    write_dataset_json(
+        staging, "cineMRI", LABELS, sum(len(fs) for fs in train_frames.values()),
+        dataset_name=dataset_name,
+        reference="Automated Cardiac Diagnosis Challenge (ACDC), MICCAI 2017; Bernard et al., IEEE TMI 2018",
+        license="see the ACDC data use terms (CREATIS, Universite de Lyon)",
+        description=f"{PROTOCOL_TEXT[protocol]}; source: {source} (images copied unchanged)",
+        converted_by="nnunetv2_fias convert-acdc",
+        fias_conversion={
+            "protocol": protocol, "source": layout,
+            "phases": {f.case: f.phase for frames in (train_frames, test_frames) for fs in frames.values() for f in fs},
+            "test_cases": sorted(f.case for fs in test_frames.values() for f in fs),
+        })
+
+
 def convert_acdc(input_folder: str | Path, dataset_id: int, protocol: str = "nnunet", overwrite: bool = False,
                  num_processes: int = 1) -> Path:
     """Convert ACDC into ``$nnUNet_raw/DatasetXXX_ACDC`` and write its ``splits_final.json``.
@@ -255,20 +295,20 @@ def convert_acdc(input_folder: str | Path, dataset_id: int, protocol: str = "nnu
         The dataset folder written.
 
     Raises:
-        ConversionError: on any problem with the input or the output location.
+        ConversionError: on any problem with the input or the output location (``nnUNet_raw`` and
+            ``nnUNet_preprocessed`` must exist).
 
     Example:
         >>> convert_acdc("/data/ACDC/database", 27)  # doctest: +SKIP
     """
+    raw_root, pre_root = nnunet_folders(with_split=True)
     root = require_input_folder(input_folder)
     layout, base = detect_layout(root)
-    with_test = protocol == "nnunet"
     scan = scan_release if layout == "release" else scan_mirror
-    patients, official_test, warnings = scan(base, with_test)
+    patients, official_test, warnings = scan(base, protocol == "nnunet")
 
     if protocol == "nnunet":
-        train_frames = patients
-        test_frames = official_test
+        train_frames, test_frames = patients, official_test
         splits = build_splits(train_frames, patient_split(list(train_frames)))
     else:
         train_ids, val_ids, test_ids = PATIENT_SPLITS[protocol]
@@ -276,51 +316,13 @@ def convert_acdc(input_folder: str | Path, dataset_id: int, protocol: str = "nnu
         test_frames = {n: patients[n] for n in test_ids}
         splits = build_splits(train_frames, [list(val_ids)])
 
-    out = DatasetOutput(dataset_id, "ACDC", overwrite, root, with_split=True)
+    out = DatasetOutput(dataset_id, "ACDC", overwrite, root, raw_root, pre_root)
     out.check_split(splits)
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    with out as staging:
-        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-            (staging / sub).mkdir()
-        tasks = []
-        for frames, img_sub, lbl_sub in ((train_frames, "imagesTr", "labelsTr"), (test_frames, "imagesTs", "labelsTs")):
-            for f in (f for fs in frames.values() for f in fs):
-                tasks.append((convert_nifti_case, dict(
-                    image=str(f.image), label=str(f.label) if f.label else None,
-                    out_image=str(staging / img_sub / f"{f.case}_0000{FILE_ENDING}"),
-                    out_label=str(staging / lbl_sub / f"{f.case}{FILE_ENDING}") if f.label else None,
-                    allowed=list(LABELS.values()), mapping=None)))
-        report(run_cases(tasks, num_processes, "convert-acdc"))
-        for sub in ("imagesTs", "labelsTs"):
-            if not any((staging / sub).iterdir()):
-                (staging / sub).rmdir()
-        n_train = sum(len(fs) for fs in train_frames.values())
-        protocol_text = {
-            "nnunet": "nnU-Net Dataset027 protocol: all 100 training patients (200 ED/ES cases) in imagesTr, "
-                      "nnU-Net's patient-grouped 5-fold split (seed 1234); official test patients in imagesTs",
-            "transunet": "TransUNet-family 2D protocol (MT-UNet split): 70 train / 10 validation patients in "
-                         "imagesTr (one fold in splits_final.json), 20 test patients in imagesTs/labelsTs",
-            "nnformer": "nnFormer protocol: 70 train / 10 validation patients in imagesTr (one fold in "
-                        "splits_final.json), the same 20 test patients as MT-UNet in imagesTs/labelsTs",
-        }[protocol]
-        write_dataset_json(
-            staging, "cineMRI", LABELS, n_train,
-            dataset_name=out.name,
-            reference="Automated Cardiac Diagnosis Challenge (ACDC), MICCAI 2017; Bernard et al., IEEE TMI 2018",
-            license="see the ACDC data use terms (CREATIS, Universite de Lyon)",
-            description=f"{protocol_text}; source: {'ACDC release' if layout == 'release' else 'preprocessed mirror'}"
-                        " (images copied unchanged)",
-            converted_by="nnunetv2_fias convert-acdc",
-            fias_conversion={
-                "protocol": protocol, "source": layout,
-                "phases": {f.case: f.phase for frames in (train_frames, test_frames)
-                           for fs in frames.values() for f in fs},
-                "test_cases": sorted(f.case for fs in test_frames.values() for f in fs),
-            })
-        notes = out.commit(splits)
-    for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+    print_messages("warning", warnings)
+    write_dataset(out, splits, lambda staging: case_tasks(train_frames, test_frames, staging),
+                  lambda staging: write_acdc_json(staging, out.name, protocol, layout, train_frames, test_frames),
+                  num_processes, "convert-acdc")
+    n_train = sum(len(fs) for fs in train_frames.values())
     n_test = sum(len(fs) for fs in test_frames.values())
     print(f"Wrote {out.target}: {n_train} training cases ({len(train_frames)} patients), {n_test} test cases "
           f"({len(test_frames)} patients); split ({len(splits)} fold(s), patient-grouped): {out.split_file}")

@@ -20,19 +20,23 @@ Example:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from nnunetv2_fias.dataset_conversion.common import (
-    EXIT_CODES, FILE_ENDING, CaseError, CaseResult, ConversionError, DatasetOutput, add_dataset_id_arg,
-    add_output_args, check_finite, cli, convert_nifti_case, describe_values, format_ids, integer_labels,
-    match_files, remap, report, require_input_folder, run_cases, write_array_image, write_dataset_json)
+from nnunetv2_fias.dataset_conversion.cases import convert_nifti_case
+from nnunetv2_fias.dataset_conversion.checks import (describe_values, format_ids, match_files, nonempty_dir,
+                                                     require_input_folder)
+from nnunetv2_fias.dataset_conversion.common import FILE_ENDING, ConversionError
+from nnunetv2_fias.dataset_conversion.output import DatasetOutput, nnunet_folders, write_dataset_json
+from nnunetv2_fias.dataset_conversion.runner import (EXIT_CODES, Task, add_dataset_id_arg, add_output_args, cli,
+                                                     print_messages, write_dataset)
 from nnunetv2_fias.dataset_conversion.split_ids import (SYNAPSE_LABELLED, SYNAPSE_TRANSUNET_TEST,
                                                         SYNAPSE_TRANSUNET_TRAIN, SYNAPSE_UNLABELLED)
+from nnunetv2_fias.dataset_conversion.synapse_transunet import (case_name, convert_transunet_test_case,
+                                                                convert_transunet_train_case, scan_transunet)
 
 # Raw label values of the release.
 RAW_LABELS = {
@@ -48,8 +52,13 @@ LABEL_ORDER_PRESETS = {
     "alphabetical": EIGHT_ORGANS,
 }
 
-TRAIN_NPZ_RE = re.compile(r"case(\d{4})_slice(\d{3,4})\.npz")
-TEST_H5_RE = re.compile(r"case(\d{4})\.npy\.h5")
+# Label values a raw-release label map may hold.
+ALLOWED_RAW = [0] + sorted(RAW_LABELS.values())
+PROTOCOL_TEXT = {
+    "transunet": "TransUNet protocol: 18 training cases (imagesTr, nnU-Net default 5-fold CV in "
+                 "splits_final.json), 12 test cases in imagesTs/labelsTs",
+    "all": "all 30 labelled cases in imagesTr (nnU-Net default 5-fold CV), 20 unlabelled in imagesTs",
+}
 
 
 def label_table(n_labels: int) -> tuple[dict[str, int], dict[int, int]]:
@@ -72,10 +81,6 @@ def parse_label_order(text: str) -> tuple[str, ...]:
     return names
 
 
-def case_name(number: int) -> str:
-    return f"case{number:04d}"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Input layouts
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,14 +101,59 @@ def detect_layout(root: Path) -> tuple[str, Path]:
                           "test_vol_h5/), found neither")
 
 
-def nonempty_dir(folder: Path, problems: list[str], what: str) -> bool:
-    if not folder.is_dir():
-        problems.append(f"{folder} is missing; expected {what}")
-        return False
-    if not any(p for p in folder.iterdir() if not p.name.startswith(".")):
-        problems.append(f"{folder} is empty; expected {what}")
-        return False
-    return True
+def _matching_files(folder: Path, prefix: str, problems: list[str], what: str) -> dict[str, Path]:
+    """``{NNNN: path}`` of ``<prefix>NNNN.nii[.gz]`` files in ``folder``; other NIfTI names are problems."""
+    if not nonempty_dir(folder, problems, what):
+        return {}
+    found, bad = match_files(folder, prefix + r"(\d{4})\.nii(?:\.gz)?")
+    problems += [f"{b}: unexpected file name; expected {prefix}NNNN.nii.gz" for b in bad]
+    return found
+
+
+def _scan_training(raw: Path, problems: list[str]) -> dict[int, tuple[Path, Path]]:
+    """Image/label pairs of Training/; every unpaired file and every missing or unknown case is a problem."""
+    img_dir, lbl_dir = raw / "Training" / "img", raw / "Training" / "label"
+    imgs = _matching_files(img_dir, "img", problems, "the training CTs img0001.nii.gz ... img0040.nii.gz")
+    lbls = _matching_files(lbl_dir, "label", problems, "the label maps label0001.nii.gz ... label0040.nii.gz")
+    # An unpaired file is only worth naming when the other folder was readable (else every file would be listed).
+    if lbls or not problems:
+        problems += [f"{imgs[k]} has no label: expected {lbl_dir / f'label{k}.nii.gz'}"
+                     for k in sorted(set(imgs) - set(lbls))]
+    if imgs or not problems:
+        problems += [f"{lbls[k]} has no image: expected {img_dir / f'img{k}.nii.gz'}"
+                     for k in sorted(set(lbls) - set(imgs))]
+    numbers = {int(k) for k in set(imgs) | set(lbls)}
+    unknown = sorted(numbers - set(SYNAPSE_LABELLED))
+    missing = sorted(set(SYNAPSE_LABELLED) - numbers) if numbers else []
+    if unknown:
+        problems.append(f"{img_dir}: case(s) {format_ids(unknown, 4)} are not part of the Synapse training "
+                        f"release; expected exactly {format_ids(SYNAPSE_LABELLED, 4)}")
+    if missing:
+        problems.append(f"{img_dir}: case(s) {format_ids(missing, 4)} are missing; both protocols need all 30 "
+                        f"labelled cases ({format_ids(SYNAPSE_LABELLED, 4)})")
+    return {int(k): (imgs[k], lbls[k]) for k in sorted(set(imgs) & set(lbls))}
+
+
+def _scan_testing(raw: Path, problems: list[str], warnings: list[str]) -> dict[int, Path]:
+    """The unlabelled test CTs in Testing/img (or Test/img); a missing folder only warns."""
+    candidates = [d for d in (raw / "Testing" / "img", raw / "Test" / "img") if d.is_dir()]
+    if len(candidates) > 1:
+        problems.append(f"both {candidates[0]} and {candidates[1]} exist; expected one test image folder")
+        return {}
+    if not candidates:
+        warnings.append(f"no {raw / 'Testing' / 'img'} (or Test/img): imagesTs will not be written")
+        return {}
+    folder = candidates[0]
+    found = _matching_files(folder, "img", problems, "the unlabelled test CTs img0061.nii.gz ... img0080.nii.gz")
+    tests = {int(k): p for k, p in found.items()}
+    clash = sorted(set(tests) & set(SYNAPSE_LABELLED))
+    if clash:
+        problems.append(f"{folder}: case(s) {format_ids(clash, 4)} are training cases; expected "
+                        f"the unlabelled test cases {format_ids(SYNAPSE_UNLABELLED, 4)}")
+    elif tests and set(tests) != set(SYNAPSE_UNLABELLED):
+        warnings.append(f"{folder}: found cases {format_ids(tests, 4)}, the release has "
+                        f"{format_ids(SYNAPSE_UNLABELLED, 4)}")
+    return tests
 
 
 def scan_raw(raw: Path, protocol: str) -> tuple[dict[int, tuple[Path, Path]], dict[int, Path], list[str]]:
@@ -114,153 +164,123 @@ def scan_raw(raw: Path, protocol: str) -> tuple[dict[int, tuple[Path, Path]], di
     """
     problems: list[str] = []
     warnings: list[str] = []
-    img_dir, lbl_dir = raw / "Training" / "img", raw / "Training" / "label"
-    imgs: dict[str, Path] = {}
-    lbls: dict[str, Path] = {}
-    if nonempty_dir(img_dir, problems, "the training CTs img0001.nii.gz ... img0040.nii.gz"):
-        imgs, bad = match_files(img_dir, r"img(\d{4})\.nii(?:\.gz)?")
-        problems += [f"{b}: unexpected file name; expected imgNNNN.nii.gz" for b in bad]
-    if nonempty_dir(lbl_dir, problems, "the label maps label0001.nii.gz ... label0040.nii.gz"):
-        lbls, bad = match_files(lbl_dir, r"label(\d{4})\.nii(?:\.gz)?")
-        problems += [f"{b}: unexpected file name; expected labelNNNN.nii.gz" for b in bad]
-    for key in sorted(set(imgs) - set(lbls)):
-        if lbls or not problems:
-            problems.append(f"{imgs[key]} has no label: expected {lbl_dir / f'label{key}.nii.gz'}")
-    for key in sorted(set(lbls) - set(imgs)):
-        if imgs or not problems:
-            problems.append(f"{lbls[key]} has no image: expected {img_dir / f'img{key}.nii.gz'}")
-    found = {int(k) for k in set(imgs) & set(lbls)}
-    if imgs or lbls:
-        unknown = sorted({int(k) for k in set(imgs) | set(lbls)} - set(SYNAPSE_LABELLED))
-        if unknown:
-            problems.append(f"{img_dir}: case(s) {format_ids(unknown, 4)} are not part of the Synapse training "
-                            f"release; expected exactly {format_ids(SYNAPSE_LABELLED, 4)}")
-        missing = sorted(set(SYNAPSE_LABELLED) - {int(k) for k in set(imgs) | set(lbls)})
-        if missing:
-            problems.append(f"{img_dir}: case(s) {format_ids(missing, 4)} are missing; both protocols need all 30 "
-                            f"labelled cases ({format_ids(SYNAPSE_LABELLED, 4)})")
-    tests: dict[int, Path] = {}
-    if protocol == "all":
-        candidates = [d for d in (raw / "Testing" / "img", raw / "Test" / "img") if d.is_dir()]
-        if len(candidates) > 1:
-            problems.append(f"both {candidates[0]} and {candidates[1]} exist; expected one test image folder")
-        elif not candidates:
-            warnings.append(f"no {raw / 'Testing' / 'img'} (or Test/img): imagesTs will not be written")
-        elif nonempty_dir(candidates[0], problems, "the unlabelled test CTs img0061.nii.gz ... img0080.nii.gz"):
-            found_t, bad = match_files(candidates[0], r"img(\d{4})\.nii(?:\.gz)?")
-            problems += [f"{b}: unexpected file name; expected imgNNNN.nii.gz" for b in bad]
-            tests = {int(k): p for k, p in found_t.items()}
-            clash = sorted(set(tests) & set(SYNAPSE_LABELLED))
-            if clash:
-                problems.append(f"{candidates[0]}: case(s) {format_ids(clash, 4)} are training cases; expected "
-                                f"the unlabelled test cases {format_ids(SYNAPSE_UNLABELLED, 4)}")
-            elif tests and set(tests) != set(SYNAPSE_UNLABELLED):
-                warnings.append(f"{candidates[0]}: found cases {format_ids(tests, 4)}, the release has "
-                                f"{format_ids(SYNAPSE_UNLABELLED, 4)}")
+    pairs = _scan_training(raw, problems)
+    tests = _scan_testing(raw, problems, warnings) if protocol == "all" else {}
     if problems:
         raise ConversionError(problems)
-    pairs = {n: (imgs[f"{n:04d}"], lbls[f"{n:04d}"]) for n in sorted(found)}
     return pairs, tests, warnings
-
-
-def scan_transunet(root: Path) -> tuple[dict[int, list[Path]], dict[int, Path]]:
-    """Group TransUNet's training slices by case and find its test volumes; raise on structural problems."""
-    problems: list[str] = []
-    slices: dict[int, dict[int, Path]] = {}
-    vols: dict[int, Path] = {}
-    npz_dir, h5_dir = root / "train_npz", root / "test_vol_h5"
-    if nonempty_dir(npz_dir, problems, "TransUNet's training slices caseXXXX_sliceYYY.npz"):
-        for f in sorted(npz_dir.iterdir()):
-            m = TRAIN_NPZ_RE.fullmatch(f.name)
-            if m:
-                slices.setdefault(int(m.group(1)), {})[int(m.group(2))] = f
-            elif f.name.endswith(".npz"):
-                problems.append(f"{f}: unexpected file name; expected caseXXXX_sliceYYY.npz")
-        for case, by_index in sorted(slices.items()):
-            gaps = sorted(set(range(max(by_index) + 1)) - set(by_index))
-            if gaps:
-                problems.append(f"{npz_dir}: {case_name(case)} lacks slice(s) {', '.join(f'{g:03d}' for g in gaps)}"
-                                "; expected consecutive slices from 000")
-        if slices and set(slices) != set(SYNAPSE_TRANSUNET_TRAIN):
-            problems.append(f"{npz_dir}: found cases {format_ids(slices, 4)}; expected TransUNet's 18 training "
-                            f"cases {format_ids(SYNAPSE_TRANSUNET_TRAIN, 4)}")
-    if nonempty_dir(h5_dir, problems, "TransUNet's test volumes caseXXXX.npy.h5"):
-        for f in sorted(h5_dir.iterdir()):
-            m = TEST_H5_RE.fullmatch(f.name)
-            if m:
-                vols[int(m.group(1))] = f
-            elif f.name.endswith(".h5"):
-                problems.append(f"{f}: unexpected file name; expected caseXXXX.npy.h5")
-        if vols and set(vols) != set(SYNAPSE_TRANSUNET_TEST):
-            problems.append(f"{h5_dir}: found cases {format_ids(vols, 4)}; expected TransUNet's 12 test cases "
-                            f"{format_ids(SYNAPSE_TRANSUNET_TEST, 4)}")
-    if problems:
-        raise ConversionError(problems)
-    return {c: [s[i] for i in sorted(s)] for c, s in sorted(slices.items())}, vols
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Workers for the TransUNet release (module level: picklable for any multiprocessing start method)
-# ----------------------------------------------------------------------------------------------------------------
-
-def _checked_pair(image, label, where: str) -> tuple[np.ndarray, np.ndarray]:
-    image, label = np.asarray(image), np.asarray(label)
-    if image.shape != label.shape:
-        raise CaseError(f"{where}: image shape {image.shape} differs from label shape {label.shape}; "
-                        "expected identical shapes")
-    check_finite(image, Path(where))
-    return image, label
-
-
-def convert_transunet_train_case(slices: list[str], out_image: str, out_label: str,
-                                 mapping: dict[int, int]) -> CaseResult:
-    """Stack a case's npz slices (axis 0 = slice index) into a volume and write image + remapped label."""
-    images, labels = [], []
-    for s in slices:
-        try:
-            with np.load(s) as z:
-                if "image" not in z.files or "label" not in z.files:
-                    raise CaseError(f"{s}: expected arrays 'image' and 'label', found {z.files}")
-                image, label = _checked_pair(z["image"], z["label"], s)
-        except CaseError:
-            raise
-        except Exception as e:  # zipfile/pickle errors of a damaged archive
-            raise CaseError(f"{s}: cannot read this npz file (corrupt or not an npz archive: {e})")
-        if image.ndim != 2:
-            raise CaseError(f"{s}: expected a 2D slice, found shape {image.shape}")
-        if images and image.shape != images[0].shape:
-            raise CaseError(f"{s}: slice shape {image.shape} differs from {slices[0]} {images[0].shape}")
-        images.append(image)
-        labels.append(integer_labels(label, Path(s), range(9)))
-    write_array_image(np.stack(images).astype(np.float32), Path(out_image))
-    write_array_image(remap(np.stack(labels), mapping), Path(out_label))
-    return CaseResult()
-
-
-def convert_transunet_test_case(volume: str, out_image: str, out_label: str, mapping: dict[int, int]) -> CaseResult:
-    """Write one ``caseXXXX.npy.h5`` test volume (datasets ``image``/``label``, slices along axis 0)."""
-    import h5py
-
-    try:
-        with h5py.File(volume, "r") as f:
-            if "image" not in f or "label" not in f:
-                raise CaseError(f"{volume}: expected datasets 'image' and 'label', found {sorted(f.keys())}")
-            image, label = _checked_pair(f["image"][()], f["label"][()], volume)
-    except CaseError:
-        raise
-    except Exception as e:
-        raise CaseError(f"{volume}: cannot read this HDF5 file (corrupt or not HDF5: {e})")
-    if image.ndim != 3:
-        raise CaseError(f"{volume}: expected a 3D volume (slices, rows, columns), found shape {image.shape}")
-    label = integer_labels(label, Path(volume), range(9))
-    write_array_image(image.astype(np.float32), Path(out_image))
-    write_array_image(remap(label, mapping), Path(out_label))
-    return CaseResult()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Conversion
 # ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SynapsePlan:
+    """What one conversion writes, decided from the options and the scanned input before any output exists.
+
+    ``sources`` maps each case number to its input: ``(image, label or None)`` in the raw release; the list of
+    slice files (training) or the volume file (test) in TransUNet's release.
+    """
+
+    layout: str
+    protocol: str
+    labels: int
+    order: tuple[str, ...] | None
+    out_labels: dict[str, int]
+    mapping: dict[int, int]
+    train_ids: list[int]
+    test_ids: list[int]
+    sources: dict[int, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def channel(self) -> str:
+        return "CT" if self.layout == "raw" else "noNorm"
+
+
+def check_options(layout: str, src: Path, protocol: str, labels: int, label_order: str | None) -> None:
+    """Reject option combinations the detected input layout cannot honour (all problems at once)."""
+    problems = []
+    if layout == "transunet":
+        if protocol != "transunet":
+            problems.append(f"--protocol {protocol}: TransUNet's preprocessed release only holds the 18/12 "
+                            "TransUNet split; use --protocol transunet or convert the raw release")
+        if labels != 8:
+            problems.append("--labels 13: TransUNet's preprocessed release only has the 8 organs; use --labels 8")
+        if label_order is None:
+            problems.append("--label-order is required for TransUNet's preprocessed release: public copies "
+                            "disagree on which organ each value 1..8 is. Check your copy (e.g. value 7 on the "
+                            "aorta of an axial slice means 'raw') and pass 'raw', 'alphabetical' or 8 names")
+    elif label_order is not None:
+        problems.append("--label-order only applies to TransUNet's preprocessed release (train_npz/, "
+                        f"test_vol_h5/); {src} is the raw release, whose label values are fixed")
+    if problems:
+        raise ConversionError(problems)
+
+
+def plan_raw(src: Path, protocol: str, labels: int) -> SynapsePlan:
+    """Plan for the raw release: the protocol picks training and test cases, labels are remapped by value."""
+    pairs, tests, warnings = scan_raw(src, protocol)
+    out_labels, mapping = label_table(labels)
+    transunet = protocol == "transunet"
+    return SynapsePlan(
+        "raw", protocol, labels, None, out_labels, mapping,
+        train_ids=sorted(SYNAPSE_TRANSUNET_TRAIN) if transunet else sorted(pairs),
+        test_ids=sorted(SYNAPSE_TRANSUNET_TEST) if transunet else sorted(tests),
+        sources={**{n: (image, None) for n, image in tests.items()}, **pairs}, warnings=warnings)
+
+
+def plan_transunet(src: Path, labels: int, label_order: str) -> SynapsePlan:
+    """Plan for TransUNet's release: its own 18/12 cases, values mapped from the user's ``--label-order``."""
+    order = parse_label_order(label_order)
+    slices, vols = scan_transunet(src)
+    out_labels, _ = label_table(labels)
+    # value v in the files is organ order[v-1]; output values follow EIGHT_ORGANS.
+    mapping = {i + 1: out_labels[name] for i, name in enumerate(order)}
+    return SynapsePlan("transunet", "transunet", labels, order, out_labels, mapping, train_ids=sorted(slices),
+                       test_ids=sorted(vols), sources={**slices, **vols})
+
+
+def case_task(plan: SynapsePlan, number: int, staging: Path) -> Task:
+    """The worker call that writes one case into the staging folder."""
+    tr = "Tr" if number in plan.train_ids else "Ts"
+    out = dict(out_image=str(staging / f"images{tr}" / f"{case_name(number)}_0000{FILE_ENDING}"),
+               out_label=str(staging / f"labels{tr}" / f"{case_name(number)}{FILE_ENDING}"), mapping=plan.mapping)
+    source = plan.sources[number]
+    if plan.layout == "transunet" and tr == "Tr":
+        return convert_transunet_train_case, dict(slices=[str(s) for s in source], **out)
+    if plan.layout == "transunet":
+        return convert_transunet_test_case, dict(volume=str(source), **out)
+    image, label = source
+    if label is None:  # an unlabelled test case of --protocol all
+        out["out_label"] = None
+    return convert_nifti_case, dict(image=str(image), label=None if label is None else str(label),
+                                    allowed=ALLOWED_RAW, **out)
+
+
+def write_synapse_json(plan: SynapsePlan, staging: Path, dataset_name: str) -> None:
+    """dataset.json with the channel, labels and a record of how the dataset was converted."""
+    if plan.layout == "raw":
+        source = "raw Synapse release (HU, copied unchanged)"
+    else:
+        source = ("TransUNet preprocessed release (HU clipped to [-125, 275] and scaled to [0, 1] by TransUNet; "
+                  "channel 'noNorm' so nnU-Net does not normalise again; spacing unknown, written as 1x1x1)")
+    write_dataset_json(
+        staging, plan.channel, plan.out_labels, len(plan.train_ids),
+        dataset_name=dataset_name,
+        reference="Multi-Atlas Abdomen Labeling Challenge (BTCV), MICCAI 2015; Synapse syn3193805",
+        license="see the BTCV data use terms on Synapse (syn3193805)",
+        description=f"{PROTOCOL_TEXT[plan.protocol]}; {plan.labels} labels; source: {source}",
+        converted_by="nnunetv2_fias convert-synapse",
+        fias_conversion={
+            "protocol": plan.protocol, "labels": plan.labels, "source": plan.layout,
+            "label_order_in_source": list(plan.order) if plan.order else None,
+            "source_value_to_label": {str(k): v for k, v in sorted(plan.mapping.items())},
+            "test_cases": [case_name(n) for n in plan.test_ids],
+            "test_has_labels": plan.layout == "transunet" or plan.protocol == "transunet",
+        })
+
 
 def crossval_split(case_names: list[str]) -> list[dict]:
     """nnU-Net's default 5-fold split, computed the way its trainer does when no splits_final.json exists."""
@@ -287,109 +307,28 @@ def convert_synapse(input_folder: str | Path, dataset_id: int, protocol: str = "
         The dataset folder written.
 
     Raises:
-        ConversionError: on any problem with the input, the options or the output location.
+        ConversionError: on any problem with the input, the options or the output location (``nnUNet_raw`` and
+            ``nnUNet_preprocessed`` must exist).
 
     Example:
         >>> convert_synapse("/data/Abdomen/RawData", 111)  # doctest: +SKIP
     """
+    raw_root, pre_root = nnunet_folders(with_split=True)
     root = require_input_folder(input_folder)
     layout, src = detect_layout(root)
     if labels is None:
         labels = 13 if protocol == "all" else 8
-    problems = []
-    if layout == "transunet":
-        if protocol != "transunet":
-            problems.append(f"--protocol {protocol}: TransUNet's preprocessed release only holds the 18/12 "
-                            "TransUNet split; use --protocol transunet or convert the raw release")
-        if labels != 8:
-            problems.append("--labels 13: TransUNet's preprocessed release only has the 8 organs; use --labels 8")
-        if label_order is None:
-            problems.append("--label-order is required for TransUNet's preprocessed release: public copies "
-                            "disagree on which organ each value 1..8 is. Check your copy (e.g. value 7 on the "
-                            "aorta of an axial slice means 'raw') and pass 'raw', 'alphabetical' or 8 names")
-    elif label_order is not None:
-        problems.append("--label-order only applies to TransUNet's preprocessed release (train_npz/, "
-                        f"test_vol_h5/); {src} is the raw release, whose label values are fixed")
-    if problems:
-        raise ConversionError(problems)
-    order = parse_label_order(label_order) if layout == "transunet" else None
+    check_options(layout, src, protocol, labels, label_order)
+    plan = plan_raw(src, protocol, labels) if layout == "raw" else plan_transunet(src, labels, label_order)
 
-    out_labels, mapping = label_table(labels)
-    warnings: list[str] = []
-    tasks = []
-    if layout == "raw":
-        pairs, tests, warnings = scan_raw(src, protocol)
-        train_ids = sorted(SYNAPSE_TRANSUNET_TRAIN) if protocol == "transunet" else sorted(pairs)
-        test_ids = sorted(SYNAPSE_TRANSUNET_TEST) if protocol == "transunet" else sorted(tests)
-    else:
-        slices, vols = scan_transunet(src)
-        train_ids, test_ids = sorted(slices), sorted(vols)
-        # value v in the files is organ order[v-1]; output values follow EIGHT_ORGANS.
-        mapping = {i + 1: out_labels[name] for i, name in enumerate(order)}
-
-    out = DatasetOutput(dataset_id, "Synapse", overwrite, root, with_split=True)
-    splits = crossval_split([case_name(n) for n in train_ids])
+    out = DatasetOutput(dataset_id, "Synapse", overwrite, root, raw_root, pre_root)
+    splits = crossval_split([case_name(n) for n in plan.train_ids])
     out.check_split(splits)
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    with out as staging:
-        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-            (staging / sub).mkdir()
-        allowed = sorted(RAW_LABELS.values()) + [0]
-        for n in train_ids + test_ids:
-            is_train = n in train_ids
-            img_out = staging / ("imagesTr" if is_train else "imagesTs") / f"{case_name(n)}_0000{FILE_ENDING}"
-            lbl_out = staging / ("labelsTr" if is_train else "labelsTs") / f"{case_name(n)}{FILE_ENDING}"
-            if layout == "raw":
-                image, label = pairs[n] if n in pairs else (tests[n], None)
-                tasks.append((convert_nifti_case, dict(image=str(image), label=str(label) if label else None,
-                                                       out_image=str(img_out),
-                                                       out_label=str(lbl_out) if label else None,
-                                                       allowed=allowed, mapping=mapping)))
-            elif is_train:
-                tasks.append((convert_transunet_train_case, dict(slices=[str(s) for s in slices[n]],
-                                                                 out_image=str(img_out), out_label=str(lbl_out),
-                                                                 mapping=mapping)))
-            else:
-                tasks.append((convert_transunet_test_case, dict(volume=str(vols[n]), out_image=str(img_out),
-                                                                out_label=str(lbl_out), mapping=mapping)))
-        report(run_cases(tasks, num_processes, "convert-synapse"))
-        for sub in ("imagesTs", "labelsTs"):
-            if not any((staging / sub).iterdir()):
-                (staging / sub).rmdir()
-
-        if layout == "raw":
-            channel = "CT"
-            source = "raw Synapse release (HU, copied unchanged)"
-        else:
-            channel = "noNorm"
-            source = ("TransUNet preprocessed release (HU clipped to [-125, 275] and scaled to [0, 1] by "
-                      "TransUNet; channel 'noNorm' so nnU-Net does not normalise again; spacing unknown, "
-                      "written as 1x1x1)")
-        protocol_text = {
-            "transunet": "TransUNet protocol: 18 training cases (imagesTr, nnU-Net default 5-fold CV in "
-                         "splits_final.json), 12 test cases in imagesTs/labelsTs",
-            "all": "all 30 labelled cases in imagesTr (nnU-Net default 5-fold CV), 20 unlabelled in imagesTs",
-        }[protocol]
-        write_dataset_json(
-            staging, channel, out_labels, len(train_ids),
-            dataset_name=out.name,
-            reference="Multi-Atlas Abdomen Labeling Challenge (BTCV), MICCAI 2015; Synapse syn3193805",
-            license="see the BTCV data use terms on Synapse (syn3193805)",
-            description=f"{protocol_text}; {labels} labels; source: {source}",
-            converted_by="nnunetv2_fias convert-synapse",
-            fias_conversion={
-                "protocol": protocol, "labels": labels, "source": layout,
-                "label_order_in_source": list(order) if order else None,
-                "source_value_to_label": {str(k): v for k, v in sorted(mapping.items())},
-                "test_cases": [case_name(n) for n in test_ids],
-                "test_has_labels": layout == "transunet" or protocol == "transunet",
-            })
-        notes = out.commit(splits)
-    for n in notes:
-        print(f"note: {n}", file=sys.stderr)
-    print(f"Wrote {out.target}: {len(train_ids)} training cases, {len(test_ids)} test cases, labels "
-          f"{describe_values(list(out_labels.values()))}, channel {channel}; split: {out.split_file}")
+    print_messages("warning", plan.warnings)
+    write_dataset(out, splits, lambda staging: [case_task(plan, n, staging) for n in plan.train_ids + plan.test_ids],
+                  lambda staging: write_synapse_json(plan, staging, out.name), num_processes, "convert-synapse")
+    print(f"Wrote {out.target}: {len(plan.train_ids)} training cases, {len(plan.test_ids)} test cases, labels "
+          f"{describe_values(list(plan.out_labels.values()))}, channel {plan.channel}; split: {out.split_file}")
     return out.target
 
 

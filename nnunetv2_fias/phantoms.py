@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+from nnunetv2_fias._util import staged_directory
 
 # Synapse label numbering (raw release values).
 SYNAPSE_LABELS: dict[int, str] = {
@@ -295,8 +295,7 @@ def write_synapse_phantoms(
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".RawData.partial-", dir=out_dir))
-    try:
+    with staged_directory(final, overwrite=overwrite) as tmp:
         for sub in ("Training/img", "Training/label") + (("Testing/img",) if testing_cases else ()):
             (tmp / sub).mkdir(parents=True)
         for c in training_cases:
@@ -306,12 +305,6 @@ def write_synapse_phantoms(
         for c in testing_cases:
             p = generate_phantom(c, seed=seed, size=size, labelled=False)
             _write_nifti(p.image, p.spacing, tmp / "Testing" / "img" / f"img{c:04d}.nii.gz")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -266,3 +266,25 @@ def test_release_without_testing_folder(bad_copy, env):
     assert main(["-i", str(bad_copy.parent), "-d", "35", "-np", "1"]) == 0
     ds = env / "nnUNet_raw" / "Dataset035_ACDC"
     assert len(ft.names(ds / "imagesTr")) == 200 and not (ds / "imagesTs").exists()
+
+
+def test_missing_nnunet_raw_fails_first_and_is_not_created(release, env, monkeypatch, capsys, tmp_path):
+    """As in `nnunetv2_fias doctor`, a missing nnUNet_raw is an error: nothing is read, created or written."""
+    missing = tmp_path / "not_created" / "nnUNet_raw"
+    monkeypatch.setenv("nnUNet_raw", str(missing))
+    assert main(["-i", str(release), "-d", "36"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"nnUNet_raw={missing}" in errors[0]
+    assert not (tmp_path / "not_created").exists()
+    assert list((env / "nnUNet_preprocessed").iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["--no-such-option"], 2), (["-d", "5"], 2), (["-i", "x", "-d", "5", "--protocol", "mtunet"], 2),
+    (["-i", "/no/such/folder", "-d", "5"], 1), (["-h"], 0),
+])
+def test_exit_status_through_the_console_command(env, argv, status):
+    from nnunetv2_fias import cli
+
+    assert cli.main(["convert-acdc", *argv]) == status
+    ft.assert_nothing_written(env)

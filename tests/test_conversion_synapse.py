@@ -385,3 +385,26 @@ def test_protocol_all_without_test_folder(raw_tree, env, tmp_path):
     assert main(["-i", str(src), "-d", "26", "--protocol", "all", "-np", "1"]) == 0
     ds = env / "nnUNet_raw" / "Dataset026_Synapse"
     assert len(ft.names(ds / "imagesTr")) == 30 and not (ds / "imagesTs").exists()
+
+
+@pytest.mark.parametrize("var", ["nnUNet_raw", "nnUNet_preprocessed"])
+def test_missing_nnunet_folder_fails_first_and_is_not_created(env, monkeypatch, capsys, tmp_path, var):
+    """As in `nnunetv2_fias doctor`, a missing nnU-Net folder is an error, reported before the input is read."""
+    missing = tmp_path / "not_created" / var
+    monkeypatch.setenv(var, str(missing))
+    assert main(["-i", str(tmp_path / "no_such_input"), "-d", "27"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{var}={missing}" in errors[0] and "does not exist" in errors[0]
+    assert not (tmp_path / "not_created").exists()
+    ft.assert_nothing_written(env)
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["--no-such-option"], 2), (["-i", "x"], 2), (["-i", "x", "-d", "5", "-np", "0"], 2),
+    (["-i", "/no/such/folder", "-d", "5"], 1), (["-h"], 0),
+])
+def test_exit_status_through_the_console_command(env, argv, status):
+    from nnunetv2_fias import cli
+
+    assert cli.main(["convert-synapse", *argv]) == status
+    ft.assert_nothing_written(env)

@@ -50,7 +50,7 @@ def test_previous_run_needs_overwrite(tmp_path, capsys):
     assert demo.main(["-o", str(out), "--budget", "smoke", "--device", "cpu"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "phantoms" / "x.nii.gz").exists()
-    demo._prepare_output(out, overwrite=True)
+    demo.prepare_output(out, overwrite=True)
     assert list(out.iterdir()) == []
 
 
@@ -77,6 +77,48 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
     assert demo.main(["-o", str(out), "--device", "cuda"]) == 1
     assert not out.exists()
     assert demo.resolve_device("auto") == "cpu"
+
+
+def test_error_is_one_line_starting_with_the_command_name(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert demo.main(["-o", str(f), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nnunetv2_fias demo: error: ") and str(f) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["--no-such-option"], 2), (["--budget", "huge"], 2), (["--seed", "x"], 2), (["-h"], 0),
+    (["--seed", "-1"], 1), (["-np", "0"], 1), (["--device", "cpu"], 1),  # the last: the output is a file
+])
+def test_exit_status_through_the_console_command(tmp_path, capsys, argv, status):
+    from nnunetv2_fias import cli
+
+    out = tmp_path / "file"
+    out.write_text("x")
+    assert cli.main(["demo", "-o", str(out), *argv]) == status
+    assert out.read_text() == "x" and list(tmp_path.iterdir()) == [out]
+    if status == 1:
+        assert capsys.readouterr().err.startswith("nnunetv2_fias demo: error: ")
+
+
+def test_cuda_without_gpu_is_a_demo_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(demo.DemoError, match="--device cuda"):
+        demo.resolve_device("cuda")
+    assert demo.resolve_device("auto") == "cpu"
+
+
+def test_pipeline_creates_the_nnunet_folders_the_converter_requires(tmp_path):
+    from nnunetv2_fias.demo.pipeline import create_nnunet_folders
+
+    env = demo.build_env(tmp_path, "cpu", base={})
+    create_nnunet_folders(env)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        assert (tmp_path / name).is_dir()
 
 
 def test_budget_trainers_are_exported_by_the_shim():

@@ -102,3 +102,12 @@ def test_invalid_cases_leave_nothing_behind(tmp_path):
     with pytest.raises(ValueError):
         write_synapse_phantoms(tmp_path, size=(8, 8, 8), training_cases=(1,), testing_cases=())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_rawdata_and_leaves_no_staging_folder(tmp_path):
+    kwargs = dict(size=(24, 24, 4), training_cases=(1,), testing_cases=())
+    raw = write_synapse_phantoms(tmp_path, seed=1, **kwargs)
+    (raw / "stale.txt").write_text("from the previous run")
+    assert write_synapse_phantoms(tmp_path, seed=2, overwrite=True, **kwargs) == raw
+    assert not (raw / "stale.txt").exists() and (raw / "Training" / "img" / "img0001.nii.gz").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["RawData"]

@@ -235,7 +235,9 @@ def tiny_ddp_trainer_class(deep_supervision: bool):
 
 
 def ddp_worker(rank: int, world_size: int, root: str, results: str, port: int, deep_supervision: bool,
-               report_dir: str) -> None:
+               report_dir: str, patch_size: list[int] | None = None, split_batch: bool = False) -> None:
+    """Two training steps per rank; ``split_batch`` splits the planned batch across the ranks as nnU-Net's
+    ``-num_gpus`` does (batch 2 on two ranks: 1 each), ``patch_size`` overrides the planned patch."""
     import json
 
     import torch
@@ -245,23 +247,28 @@ def ddp_worker(rank: int, world_size: int, root: str, results: str, port: int, d
     torch.manual_seed(rank)
     torch.set_num_threads(1)
     trainer = make_trainer(tiny_ddp_trainer_class(deep_supervision), Path(root), fold=0, results=Path(results))
+    if patch_size is not None:
+        trainer.configuration_manager.configuration["patch_size"] = list(patch_size)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         trainer.initialize()
         trainer.network = DDP(trainer.network)  # as nnU-Net: no find_unused_parameters
         trainer.is_ddp = True
+        if split_batch:
+            trainer._set_batch_size_and_oversample()
+        batch = trainer.batch_size
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
         trainer.network.train()
         patch = trainer.configuration_manager.patch_size
         scales = trainer._get_deep_supervision_scales()
         losses = []
         for _ in range(2):  # an unused parameter makes DDP fail at the start of the *second* step
-            data = torch.randn(2, trainer.num_input_channels, *patch)
+            data = torch.randn(batch, trainer.num_input_channels, *patch)
             if scales is None:
-                target = torch.randint(0, 3, (2, 1, *patch)).float()
+                target = torch.randint(0, 3, (batch, 1, *patch)).float()
             else:
-                target = [torch.randint(0, 3, (2, 1, *[round(p * s) for p, s in zip(patch, sc)])).float()
+                target = [torch.randint(0, 3, (batch, 1, *[round(p * s) for p, s in zip(patch, sc)])).float()
                           for sc in scales]
             losses.append(float(trainer.train_step({"data": data, "target": target})["loss"]))
         # DDP averaged the gradients: after identical updates the replicas must still agree.
@@ -271,7 +278,7 @@ def ddp_worker(rank: int, world_size: int, root: str, results: str, port: int, d
         max_diff = max(float((g - flat).abs().max()) for g in gathered)
         n_outputs = len(scales) if scales is not None else 1
         with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"losses": losses, "max_param_diff": max_diff, "n_outputs": n_outputs,
+            json.dump({"losses": losses, "max_param_diff": max_diff, "n_outputs": n_outputs, "batch_size": batch,
                        "weights": list(getattr(trainer.loss, "weight_factors", []) or [])}, f)
     finally:
         dist.destroy_process_group()

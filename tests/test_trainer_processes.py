@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -32,19 +33,24 @@ def _run_python(code: str, folder: Path, env: dict, timeout: float = 400) -> sub
     return proc
 
 
-@pytest.mark.parametrize("deep_supervision", [True, False], ids=["DS", "NoDS"])
-def test_ddp_training_step_without_find_unused_parameters(tmp_path_factory, tmp_path, deep_supervision):
-    root = prepared_dataset(tmp_path_factory.getbasetemp())
+def _ddp_ranks(root: Path, tmp_path: Path, deep_supervision: bool, patch_size=None, split_batch=False) -> list:
     report = tmp_path / "report"
     report.mkdir()
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "import torch.multiprocessing as mp, nnunet_env\n"
         "if __name__ == '__main__':\n"
-        "    mp.spawn(nnunet_env.ddp_worker, args=(2, %r, %r, %d, %r, %r), nprocs=2, join=True)\n"
-        % (str(TESTS_DIR), str(root), str(tmp_path / "results"), _free_port(), deep_supervision, str(report)))
+        "    mp.spawn(nnunet_env.ddp_worker, args=(2, %r, %r, %d, %r, %r, %r, %r), nprocs=2, join=True)\n"
+        % (str(TESTS_DIR), str(root), str(tmp_path / "results"), _free_port(), deep_supervision, str(report),
+           patch_size, split_batch))
     _run_python(code, tmp_path, nnunet_env(root, nnUNet_results=str(tmp_path / "results")))
-    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((report / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False], ids=["DS", "NoDS"])
+def test_ddp_training_step_without_find_unused_parameters(tmp_path_factory, tmp_path, deep_supervision):
+    root = prepared_dataset(tmp_path_factory.getbasetemp())
+    ranks = _ddp_ranks(root, tmp_path, deep_supervision)
     for r in ranks:
         assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])  # finite, two completed steps
         assert r["max_param_diff"] == 0.0
@@ -53,6 +59,17 @@ def test_ddp_training_step_without_find_unused_parameters(tmp_path_factory, tmp_
             assert len(r["weights"]) == 4 and min(r["weights"]) > 0  # every head gets a gradient
         else:
             assert r["n_outputs"] == 1
+
+
+def test_ddp_batch_one_per_process_with_a_1x1_stage(tmp_path_factory, tmp_path):
+    """nnU-Net's -num_gpus 2 on a plan with batch 2 gives each process one sample; at a 32x32 patch FIAS's coarsest
+    stage is 1x1, where plain BatchNorm has a single value per channel and cannot train."""
+    root = prepared_dataset(tmp_path_factory.getbasetemp())
+    ranks = _ddp_ranks(root, tmp_path, True, patch_size=[32, 32], split_batch=True)
+    for r in ranks:
+        assert r["batch_size"] == 1
+        assert len(r["losses"]) == 2 and all(math.isfinite(l) for l in r["losses"])
+        assert r["max_param_diff"] == 0.0 and r["n_outputs"] == 4
 
 
 def test_training_under_spawn_start_method(tmp_path_factory, tmp_path):

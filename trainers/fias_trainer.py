@@ -19,7 +19,11 @@ Defaults and why:
   no gradient, which breaks DistributedDataParallel without ``find_unused_parameters`` (``-num_gpus``), and FIAS'
   stride-32 head is a trained head, not a by-product.
 * Epochs, iterations and batch size stay nnU-Net's (1000 x 250, batch from the plans) so FIAS and nnUNetTrainer
-  compare at equal budget.
+  compare at equal budget. FIAS replaces the plans' network and takes only the patch size, the batch size and the
+  preprocessing (normalisation, spacing) from the plans. nnU-Net sizes the batch for the plans' own network; where
+  FIAS would keep more activations per sample than that network (planners that size large batches for a ResEnc
+  U-Net), the batch is lowered in proportion, with the reason in the log, so FIAS fits wherever the plans' network
+  fits.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -39,6 +44,8 @@ from torch.optim.lr_scheduler import _LRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunetv2_fias._util import atomic_savefig, atomic_write_json, count_flops, deep_supervision_weights
 
 CAF_JSON = "caf_balance.json"
 CAF_PNG = "caf_balance.png"
@@ -184,10 +191,60 @@ class FIASTrainer(nnUNetTrainer):
     def _build_loss(self):
         loss = super()._build_loss()
         if self.enable_deep_supervision:
-            n = len(self._get_deep_supervision_scales())
-            weights = np.array([1 / 2 ** i for i in range(n)])
-            loss.weight_factors = tuple(float(w) for w in weights / weights.sum())
+            loss.weight_factors = tuple(deep_supervision_weights(len(self._get_deep_supervision_scales())))
         return loss
+
+    # --------------------------------------------------------------- batch size
+    def _set_batch_size_and_oversample(self):
+        planned = self.configuration_manager.batch_size
+        fitted, reason = self._memory_fitted_batch_size(planned)
+        if fitted != planned:
+            # The ConfigurationManager holds its own copy of the configuration: the plans on disk (and inference)
+            # keep the planned batch size; nnU-Net's DDP split below reads this one.
+            self.configuration_manager.configuration["batch_size"] = fitted
+        self.print_to_log_file(reason)
+        super()._set_batch_size_and_oversample()
+
+    def _memory_fitted_batch_size(self, planned: int) -> tuple[int, str]:
+        """The planned batch, or a smaller one where FIAS keeps more activations per sample than the plans' network.
+
+        Both networks are measured at the plans' patch size, batch 1, float32, on the CPU (tensors saved for
+        backward by one training forward pass: what grows with the batch).
+        """
+        from nnunetv2_fias.benchmark.memory import saved_activation_mb
+
+        patch = list(self.configuration_manager.patch_size)
+        channels = self._num_input_channels()
+        classes = self.label_manager.num_segmentation_heads
+        plans_name = self.configuration_manager.network_arch_class_name.rsplit(".", 1)[-1]
+        x = torch.zeros(1, channels, *patch)
+        own = self.build_network_architecture(self.plans_manager, self.configuration_manager, channels, classes, True)
+        fias_mb = saved_activation_mb(own.train(), x)
+        del own
+        try:
+            theirs = nnUNetTrainer.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                              channels, classes, True)
+            plans_mb = saved_activation_mb(theirs.train(), x)
+            del theirs
+        except Exception as e:  # e.g. hand-edited plans whose patch no longer fits the planned network's strides
+            return planned, (f"FIAS replaces the plans' network ({plans_name}); the plans' network could not be "
+                             f"measured at patch {patch} ({type(e).__name__}: {e}). Batch size {planned} as planned.")
+        head = (f"FIAS replaces the plans' network ({plans_name}) and takes only the patch size, batch size and "
+                f"preprocessing from the plans. Training activations per {'x'.join(map(str, patch))} sample: FIAS "
+                f"{fias_mb:.1f} MB, {plans_name} {plans_mb:.1f} MB ({fias_mb / plans_mb:.2f}x).")
+        if fias_mb <= plans_mb:
+            return planned, f"{head} Batch size {planned} as planned."
+        minimum = dist.get_world_size() if self.is_ddp else 1
+        fitted = max(minimum, math.floor(planned * plans_mb / fias_mb))
+        if fitted >= planned:
+            return planned, f"{head} Batch size {planned} as planned (the plans' minimum for this run)."
+        return fitted, (f"{head} Batch size lowered from the planned {planned} to {fitted}, so that FIAS needs no more "
+                        f"activation memory than the network the plans sized the batch for.")
+
+    def _num_input_channels(self) -> int:
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+        return determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
 
     # ---------------------------------------------------------------- optimizer
     def _amp_active(self) -> bool:
@@ -289,21 +346,11 @@ class FIASTrainer(nnUNetTrainer):
             self.print_to_log_file("Deep supervision: off (main output only)")
 
     def _count_flops(self, net: nn.Module, patch: list[int]) -> float | None:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        was_training = net.training
-        net.eval()
         try:
-            x = torch.zeros((1, self.num_input_channels, *patch), device=self.device)
-            counter = FlopCounterMode(display=False)
-            with torch.no_grad(), counter:
-                net(x)
-            return float(counter.get_total_flops())
+            return float(count_flops(net, self.num_input_channels, patch, self.device))
         except Exception as e:  # FLOPs are informative only; never fail a training over them
             self.print_to_log_file(f"Could not count FLOPs: {type(e).__name__}: {e}")
             return None
-        finally:
-            net.train(was_training)
 
     def on_train_epoch_start(self):
         self._caf_epoch_values = []
@@ -360,10 +407,7 @@ class FIASTrainer(nnUNetTrainer):
             "trainer": self.__class__.__name__, "preset": self.fias_preset,
             "stage_strides": [4, 8, 16, 32], "epochs": epochs, "global_weight": strict,
         }
-        tmp = json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=False)
-        os.replace(tmp, json_path)
+        atomic_write_json(json_path, payload, indent=1, allow_nan=False)
         self._plot_caf(epochs, weights, png_path)
 
     @staticmethod
@@ -385,6 +429,4 @@ class FIASTrainer(nnUNetTrainer):
         ax.set_title("CAF balance: global (DilateFormer) vs local (DMK) branch")
         ax.legend(loc="best", fontsize="small")
         fig.tight_layout()
-        tmp = png_path + ".tmp.png"
-        fig.savefig(tmp)
-        os.replace(tmp, png_path)
+        atomic_savefig(fig, png_path)

@@ -1,45 +1,78 @@
 """The `nnunetv2_fias` console command.
 
-Each subcommand lives in its own module exposing ``main(argv: list[str] | None) -> int``; the dispatcher imports
-only the module that is asked for, so ``nnunetv2_fias env`` stays fast and a broken optional dependency of one
-subcommand cannot break the others.
+An explicit table maps each command to the module and function that implement it. The dispatcher imports only the
+module that is asked for, so ``nnunetv2_fias env`` stays fast and a broken optional dependency of one command cannot
+break the others. Exit status: 0 on success, 1 for a user error, 2 for a command-line usage error.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+from typing import NamedTuple
 
-SUBCOMMANDS = {
-    "convert-synapse": ("nnunetv2_fias.dataset_conversion.synapse", "Convert Synapse (BTCV) into nnU-Net's raw format."),
-    "convert-acdc": ("nnunetv2_fias.dataset_conversion.acdc", "Convert ACDC into nnU-Net's raw format."),
-    "evaluate": ("nnunetv2_fias.evaluation", "Per-class DSC and HD95 tables, plots and trainer comparisons."),
-    "demo": ("nnunetv2_fias.demo", "Generate phantoms, train FIAS through nnU-Net, predict and evaluate."),
-    "benchmark": ("nnunetv2_fias.benchmark", "Parameters, FLOPs, step time and memory of FIAS vs baselines."),
-    "env": ("nnunetv2_fias.doctor", "Print the `export nnUNet_extTrainer=...` line that lets nnU-Net find FIAS."),
-    "doctor": ("nnunetv2_fias.doctor", "Check the installation, nnU-Net variables, trainer discovery and device."),
+PROG = "nnunetv2_fias"
+
+
+class Command(NamedTuple):
+    module: str
+    function: str  # takes argv (list[str] | None) and returns the exit status
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "convert-synapse": Command("nnunetv2_fias.dataset_conversion.synapse", "main",
+                               "Convert Synapse (BTCV) into nnU-Net's raw format."),
+    "convert-acdc": Command("nnunetv2_fias.dataset_conversion.acdc", "main",
+                            "Convert ACDC into nnU-Net's raw format."),
+    "evaluate": Command("nnunetv2_fias.evaluation", "main",
+                        "Per-class DSC and HD95 tables, plots and trainer comparisons."),
+    "demo": Command("nnunetv2_fias.demo", "main",
+                    "Generate phantoms, train FIAS through nnU-Net, predict and evaluate."),
+    "benchmark": Command("nnunetv2_fias.benchmark", "main",
+                         "Parameters, FLOPs, step time and memory of FIAS vs baselines."),
+    "env": Command("nnunetv2_fias.doctor", "main_env",
+                   "Print the `export nnUNet_extTrainer=...` line that lets nnU-Net find FIAS."),
+    "doctor": Command("nnunetv2_fias.doctor", "main_doctor",
+                      "Check the installation, nnU-Net variables, trainer discovery and device."),
 }
 
 
-def _usage() -> str:
-    lines = ["usage: nnunetv2_fias <command> [options]", "", "commands:"]
-    lines += [f"  {name:<16} {text}" for name, (_, text) in SUBCOMMANDS.items()]
-    lines += ["", "Run `nnunetv2_fias <command> -h` for the options of a command."]
+def usage() -> str:
+    lines = [f"usage: {PROG} <command> [options]", "", "commands:"]
+    lines += [f"  {name:<16} {command.help}" for name, command in COMMANDS.items()]
+    lines += ["", f"Run `{PROG} <command> -h` for the options of a command."]
     return "\n".join(lines)
+
+
+def _status(code: object) -> int:
+    """The exit status ``sys.exit(code)`` would give (argparse's usage errors raise SystemExit(2))."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"nnunetv2_fias: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv:
+        print(f"{usage()}\n\n{PROG}: error: no command given", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    # env and doctor share a module; each exposes a main named after the command.
-    entry = getattr(module, f"main_{name.replace('-', '_')}", None) or module.main
-    return int(entry(rest) or 0)
+    name, rest = argv[0], argv[1:]
+    command = COMMANDS.get(name)
+    if command is None:
+        print(f"{usage()}\n\n{PROG}: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return 2
+    entry = getattr(importlib.import_module(command.module), command.function)
+    try:
+        return _status(entry(rest))
+    except SystemExit as e:
+        return _status(e.code)
 
 
 if __name__ == "__main__":

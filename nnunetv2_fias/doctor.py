@@ -14,8 +14,10 @@ import os
 import re
 import shlex
 import sys
+import traceback
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 MIN_NNUNET = (2, 8)
 NNUNET_PATH_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -33,8 +35,9 @@ def _split_ext(value: str | None) -> list[str]:
 
 
 def _same_path(a: str, b: Path) -> bool:
+    # No expanduser: nnU-Net uses the folders as written, so a literal "~" does not work there either.
     try:
-        return Path(a).expanduser().resolve() == b
+        return Path(a).resolve() == b
     except OSError:
         return False
 
@@ -108,14 +111,70 @@ def _check_paths(rep: _Report) -> None:
         value = os.environ.get(var)
         if not value:
             rep.fail(f"{var} is not set",
-                     f"export {var}=/path/to/{var} (a folder of your choice; see nnU-Net's "
-                     f"documentation/setting_up_paths.md)")
+                     f"mkdir -p /path/to/{var} && export {var}=/path/to/{var} (a folder of your choice; see "
+                     f"nnU-Net's documentation/setting_up_paths.md)")
         elif not os.path.isdir(value):
             rep.fail(f"{var}={value} does not exist or is not a folder", f"mkdir -p {shlex.quote(value)}")
         elif not os.access(value, os.W_OK):
             rep.fail(f"{var}={value} is not writable", "choose a folder you can write to, or fix its permissions")
         else:
             rep.ok(f"{var}={value}")
+
+
+# A class name no folder defines: looking it up makes nnU-Net import every module of a folder.
+_ABSENT_CLASS = "_NnunetV2FiasDoctorAbsentClass"
+
+
+class BrokenModule(NamedTuple):
+    folder: str
+    file: Path | None  # the module nnU-Net imports (None if the traceback names no file in the folder)
+    origin: str  # where the error was raised when that is another file of the folder, else ""
+    error: str
+
+
+def find_broken_module(folder: str) -> BrokenModule | None:
+    """The first module of an nnUNet_extTrainer folder that nnU-Net's trainer search cannot import, if any.
+
+    nnU-Net (``recursive_find_python_class``) imports the folder's modules one by one until one defines the asked
+    class and lets any import error escape, so the search runs here with a name that no folder defines.
+    """
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            recursive_find_python_class(folder, _ABSENT_CLASS, None, base_folder=folder,
+                                        cleanup_imports_from_base_folder=True)
+    except Exception as e:  # whatever a module raises while imported ends nnU-Net's search
+        root = Path(folder).resolve()
+        places = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)]
+        if isinstance(e, SyntaxError) and e.filename:
+            places.append((e.filename, e.lineno))
+        inside = [(Path(f).resolve(), line) for f, line in places
+                  if not f.startswith("<") and Path(f).resolve().is_relative_to(root)]
+        file = inside[0][0] if inside else None
+        origin = f"{inside[-1][0]}, line {inside[-1][1]}" if inside and inside[-1][0] != file else ""
+        message = str(e).splitlines()[0] if str(e) else ""
+        return BrokenModule(folder, file, origin, f"{type(e).__name__}: {message}".rstrip(": "))
+    return None
+
+
+def _report_broken(rep: _Report, broken: BrokenModule, before_fias: bool, is_shim: bool) -> None:
+    what = f"importing {broken.file.name}" if broken.file else "importing one of its modules"
+    where = f" (raised in {broken.origin})" if broken.origin else ""
+    text = (f"nnUNet_extTrainer folder {broken.folder}: {what} fails with {broken.error}{where}. nnU-Net's trainer "
+            f"search imports every module of each nnUNet_extTrainer folder in turn, so ")
+    if is_shim:
+        rep.fail(text + "every FIAS trainer lookup fails with this error",
+                 "reinstall nnunetv2-fias in this environment (the error says what is missing)")
+        return
+    fix = (f"fix or remove {broken.file}, or " if broken.file else "fix the module, or ") + \
+        f"remove {broken.folder} from nnUNet_extTrainer"
+    if before_fias:
+        rep.fail(text + "the search for EVERY trainer not built into nnU-Net (every FIAS trainer included) fails "
+                        "with this error", fix)
+    else:
+        rep.warn(text + "the FIAS trainers (found in an earlier folder) still resolve, but the search for any "
+                        "trainer that is not in an earlier folder fails with this error", fix)
 
 
 def _check_discovery(rep: _Report) -> None:
@@ -126,9 +185,19 @@ def _check_discovery(rep: _Report) -> None:
         rep.fail(f"nnUNet_extTrainer does not contain the FIAS discovery folder {folder} "
                  f"(current value: {os.environ.get('nnUNet_extTrainer', '<unset>')!r})", fix_env)
         return
-    for p in parts:
-        if not os.path.isdir(os.path.expanduser(p)):
-            rep.warn(f"nnUNet_extTrainer lists {p}, which is not a folder", "remove it from nnUNet_extTrainer")
+    shim_index = next(i for i, p in enumerate(parts) if _same_path(p, folder))
+    blocked = False
+    for i, p in enumerate(parts):
+        if not os.path.isdir(p):
+            rep.warn(f"nnUNet_extTrainer lists {p}, which is not a folder (nnU-Net skips it)",
+                     "remove it from nnUNet_extTrainer")
+            continue
+        broken = find_broken_module(p)
+        if broken is not None:
+            _report_broken(rep, broken, before_fias=i <= shim_index, is_shim=i == shim_index)
+            blocked = blocked or i <= shim_index
+    if blocked:  # every lookup below would end in the error just reported
+        return
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2_fias import trainers
 
@@ -137,7 +206,7 @@ def _check_discovery(rep: _Report) -> None:
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 found = recursive_find_trainer_class_by_name(cls.__name__)
-        except Exception as e:  # nnU-Net raises RuntimeError when not found; imports may fail too
+        except Exception as e:  # nnU-Net raises RuntimeError when the class is not found
             wrong.append(f"{cls.__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if found is not cls:
@@ -166,24 +235,45 @@ def _where(cls: type) -> str:
         return ""
 
 
+def _compile_requested(value: str | None) -> bool:
+    return value is not None and value.lower() in ("true", "1", "t")
+
+
+def nnunet_compiles(device_type: str, value: str | None, windows: bool = os.name == "nt") -> tuple[bool, bool]:
+    """Whether nnU-Net 2.8 torch.compiles the network for (training, prediction), given nnUNet_compile's value.
+
+    Training (``nnUNetTrainer._do_i_compile``) compiles on CUDA outside Windows unless nnUNet_compile is set to a
+    false value, and never on the CPU or MPS; the predictor compiles only when nnUNet_compile is set to true.
+    """
+    training = device_type == "cuda" and not windows and (value is None or _compile_requested(value))
+    return training, _compile_requested(value)
+
+
 def _check_device(rep: _Report) -> None:
     import torch
 
-    compile_on = os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+    value = os.environ.get("nnUNet_compile")
+    shown = " unset" if value is None else f"={value}"
     if torch.cuda.is_available():
         rep.ok(f"torch {torch.__version__}: CUDA device cuda:0 ({torch.cuda.get_device_name(0)}) will be used "
                f"(nnU-Net's default -device cuda)")
+        training, prediction = nnunet_compiles("cuda", value)
+        rep.ok(f"nnUNet_compile{shown}: nnU-Net's training {'compiles' if training else 'does not compile'} the "
+               f"network (it does on CUDA outside Windows unless nnUNet_compile is false), its predictor "
+               f"{'compiles' if prediction else 'does not compile'} it (only when nnUNet_compile is true)")
         return
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if mps:
         rep.warn(f"torch {torch.__version__}: no CUDA device; Apple MPS is available",
                  "pass -device mps to nnUNetv2_train and nnUNetv2_predict")
     else:
         rep.warn(f"torch {torch.__version__}: no CUDA device, training and prediction will run on the CPU (slow: "
                  f"hours per epoch for real 2D datasets)",
                  "pass -device cpu to nnUNetv2_train and nnUNetv2_predict; for real training use a machine with a GPU")
-    if "nnUNet_compile" not in os.environ or compile_on:
-        rep.warn("nnU-Net's predictor compiles the network whenever nnUNet_compile is true (the default), which is "
-                 "several times slower on the CPU", "export nnUNet_compile=f")
+    if nnunet_compiles("mps" if mps else "cpu", value)[1]:
+        rep.warn(f"nnUNet_compile{shown} makes nnU-Net's predictor compile the network (training never compiles "
+                 f"on the {'MPS device' if mps else 'CPU'}); compiling is several times slower on the CPU and "
+                 f"unsupported on MPS", "unset nnUNet_compile (or export nnUNet_compile=f)")
 
 
 def main_doctor(argv: list[str] | None = None) -> int:

@@ -105,3 +105,128 @@ def test_readme_recipe_eval_env_then_doctor(tmp_path):
     proc = subprocess.run(["bash", "-c", 'eval "$(nnunetv2_fias env)" && nnunetv2_fias doctor'], env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("source, error", [("import not_a_module_xyz\n", "not_a_module_xyz"),
+                                           ("def broken(:\n", "SyntaxError")])
+def test_doctor_names_the_module_of_another_folder_that_breaks_every_lookup(monkeypatch, tmp_path, capsys, source,
+                                                                           error):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a_fine_module.py").write_text("VALUE = 1\n")
+    (other / "broken.py").write_text(source)
+    for k, v in _nnunet_dirs(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([str(other), str(PACKAGE_SHIM_DIR)]))
+    assert doctor.main_doctor([]) == 1
+    out = capsys.readouterr().out
+    # One report, not one per trainer, naming the folder and the file, and what nnU-Net's search does with it.
+    assert out.count(error) == 1
+    assert f"nnUNet_extTrainer folder {other}: importing broken.py fails" in out
+    assert "EVERY trainer not built into nnU-Net" in out
+    assert f"fix: fix or remove {other / 'broken.py'}, or remove {other} from nnUNet_extTrainer" in out
+    # That is what nnU-Net really does: the folder ahead of the FIAS shim breaks FIASTrainer's lookup.
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with pytest.raises(ModuleNotFoundError if error == "not_a_module_xyz" else SyntaxError):
+        recursive_find_trainer_class_by_name("FIASTrainer")
+    capsys.readouterr()
+
+    # Behind the shim the FIAS trainers still resolve: a warning naming the file, not a failure.
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([str(PACKAGE_SHIM_DIR), str(other)]))
+    monkeypatch.setenv("nnUNet_compile", "f")
+    assert doctor.main_doctor([]) == 0
+    out = capsys.readouterr().out
+    assert out.count(error) == 1 and f"fix or remove {other / 'broken.py'}" in out
+    assert "nnU-Net resolves FIASTrainer" in out
+    assert "broken" not in sys.modules and "a_fine_module" not in sys.modules
+
+
+def test_find_broken_module_names_the_imported_file_and_where_the_error_is_raised(tmp_path):
+    (tmp_path / "a_trainers.py").write_text("import zz_helper\n")
+    (tmp_path / "zz_helper.py").write_text("VALUE = 1\nimport not_a_module_xyz\n")
+    broken = doctor.find_broken_module(str(tmp_path))
+    assert broken.file == (tmp_path / "a_trainers.py").resolve()
+    assert broken.origin == f"{(tmp_path / 'zz_helper.py').resolve()}, line 2"
+    assert broken.error == "ModuleNotFoundError: No module named 'not_a_module_xyz'"
+    (tmp_path / "zz_helper.py").write_text("VALUE = 1\n")
+    assert doctor.find_broken_module(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("device, value, training, prediction", [
+    ("cuda", None, True, False),    # nnU-Net's default: training compiles on CUDA, prediction does not
+    ("cuda", "t", True, True), ("cuda", "True", True, True), ("cuda", "1", True, True),
+    ("cuda", "f", False, False), ("cuda", "no", False, False),
+    ("cpu", None, False, False),    # training never compiles on the CPU or MPS ...
+    ("cpu", "t", False, True),      # ... but the predictor does whenever the variable is set to true
+    ("mps", "true", False, True), ("mps", None, False, False),
+])
+def test_compile_conditions_match_nnunet(device, value, training, prediction):
+    assert doctor.nnunet_compiles(device, value, windows=False) == (training, prediction)
+    assert doctor.nnunet_compiles(device, value, windows=True) == (False, prediction)
+
+
+def test_compile_conditions_match_nnunets_trainer(monkeypatch):
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer = nnUNetTrainer.__new__(nnUNetTrainer)  # _do_i_compile reads only the device and the variable
+    trainer.print_to_log_file = lambda *args, **kwargs: None
+    for device in ("cpu", "cuda"):
+        trainer.device = torch.device(device)
+        for value in (None, "t", "f"):
+            if value is None:
+                monkeypatch.delenv("nnUNet_compile", raising=False)
+            else:
+                monkeypatch.setenv("nnUNet_compile", value)
+            assert trainer._do_i_compile() == doctor.nnunet_compiles(device, value)[0], (device, value)
+
+
+@pytest.mark.parametrize("value, warns", [(None, False), ("f", False), ("t", True), ("TRUE", True)])
+def test_doctor_warns_about_compiling_on_the_cpu_only_when_nnunet_would(monkeypatch, capsys, value, warns):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if value is None:
+        monkeypatch.delenv("nnUNet_compile", raising=False)
+    else:
+        monkeypatch.setenv("nnUNet_compile", value)
+    rep = doctor._Report()
+    doctor._check_device(rep)
+    out = capsys.readouterr().out
+    assert rep.warnings == 1 + warns  # the first: no CUDA device
+    assert ("makes nnU-Net's predictor compile" in out) == warns
+    assert "(the default)" not in out
+
+
+def test_doctor_fix_for_missing_nnunet_folders_creates_them(monkeypatch, tmp_path, capsys):
+    for k, v in _nnunet_dirs(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    missing = {var: tmp_path / "not yet" / var for var in ("nnUNet_raw", "nnUNet_preprocessed")}
+    for var, path in missing.items():
+        monkeypatch.setenv(var, str(path))
+    monkeypatch.delenv("nnUNet_results")
+    rep = doctor._Report()
+    doctor._check_paths(rep)
+    out = capsys.readouterr().out
+    assert rep.failures == 3
+    for path in missing.values():
+        assert f"fix: mkdir -p {shlex.quote(str(path))}" in out
+    assert "fix: mkdir -p /path/to/nnUNet_results && export nnUNet_results=/path/to/nnUNet_results" in out
+
+
+def test_doctor_on_cuda_says_training_compiles_by_default_and_prediction_does_not(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "TestGPU")
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    rep = doctor._Report()
+    doctor._check_device(rep)
+    assert rep.warnings == rep.failures == 0
+    expected = "training compiles" if os.name != "nt" else "training does not compile"
+    assert f"nnUNet_compile unset: nnU-Net's {expected} the network" in capsys.readouterr().out
+    monkeypatch.setenv("nnUNet_compile", "t")
+    doctor._check_device(rep)
+    assert "its predictor compiles it" in capsys.readouterr().out

@@ -6,6 +6,8 @@
 from .attention import dilated_neighborhood_attention
 from .blocks import CAF_VARIANTS, ContextAwareFusion, MixAttBlock, MonteCarloAttention
 from .fias import FIAS, FIAS_PRESETS, DualPathEncoder, MixAttDecoder
+from .pretrained import LoadReport, load_dilateformer_weights
 
 __all__ = ["FIAS", "FIAS_PRESETS", "CAF_VARIANTS", "ContextAwareFusion", "DualPathEncoder", "MixAttBlock",
-           "MixAttDecoder", "MonteCarloAttention", "dilated_neighborhood_attention"]
+           "LoadReport", "MixAttDecoder", "MonteCarloAttention", "dilated_neighborhood_attention",
+           "load_dilateformer_weights"]

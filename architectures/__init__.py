@@ -4,10 +4,14 @@
 >>> net = FIAS(input_channels=1, num_classes=9, preset="T", deep_supervision=False)
 """
 from .attention import dilated_neighborhood_attention
+from .attention3d import (MultiScaleDilatedAttention3d, dilated_neighborhood_attention_3d,
+                          dilated_neighborhood_attention_3d_channels_first)
 from .blocks import CAF_VARIANTS, ContextAwareFusion, MixAttBlock, MonteCarloAttention
-from .fias import FIAS, FIAS_PRESETS, DualPathEncoder, MixAttDecoder
+from .fias import (FIAS, FIAS_PRESETS, CheckpointMismatchError, DualPathEncoder, MixAttDecoder,
+                   fias_strides_from_plan)
 from .pretrained import LoadReport, load_dilateformer_weights
 
-__all__ = ["FIAS", "FIAS_PRESETS", "CAF_VARIANTS", "ContextAwareFusion", "DualPathEncoder", "MixAttBlock",
-           "LoadReport", "MixAttDecoder", "MonteCarloAttention", "dilated_neighborhood_attention",
-           "load_dilateformer_weights"]
+__all__ = ["FIAS", "FIAS_PRESETS", "CAF_VARIANTS", "CheckpointMismatchError", "ContextAwareFusion",
+           "DualPathEncoder", "MixAttBlock", "LoadReport", "MixAttDecoder", "MonteCarloAttention",
+           "MultiScaleDilatedAttention3d", "dilated_neighborhood_attention", "dilated_neighborhood_attention_3d",
+           "dilated_neighborhood_attention_3d_channels_first", "fias_strides_from_plan", "load_dilateformer_weights"]

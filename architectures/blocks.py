@@ -73,7 +73,7 @@ class BatchNorm2d(nn.BatchNorm2d):
 class ConvNormAct(nn.Sequential):
     """``conv -> norm -> (nonlin)``; ``groups=channels`` gives a depthwise conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride=1, groups: int = 1,
                  norm_op: Type[nn.Module] = BatchNorm2d, norm_kwargs: dict | None = None,
                  nonlin: Type[nn.Module] | None = nn.GELU, nonlin_kwargs: dict | None = None, bias: bool = False):
         layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups,
@@ -94,24 +94,53 @@ class OverlapStem(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int = 16, norm_op=BatchNorm2d, norm_kwargs=None,
-                 nonlin=nn.GELU, nonlin_kwargs=None):
+                 nonlin=nn.GELU, nonlin_kwargs=None, strides=(2, 2)):
         ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         super().__init__(
             ConvNormAct(in_channels, hidden, 3, 1, **ops),
-            ConvNormAct(hidden, 2 * hidden, 3, 2, **ops),
+            ConvNormAct(hidden, 2 * hidden, 3, strides[0], **ops),
             ConvNormAct(2 * hidden, 4 * hidden, 3, 1, **ops),
-            nn.Conv2d(4 * hidden, out_channels, 3, 2, 1, bias=False),
+            nn.Conv2d(4 * hidden, out_channels, 3, strides[1], 1, bias=False),
         )
+        self.out_channels = (hidden, 2 * hidden, out_channels)
+
+    def forward_with_skips(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stem's output, its full-resolution feature and its first half-resolution feature."""
+        full = self[0](x)
+        half = self[1](full)
+        return self[3](self[2](half)), [full, half]
 
 
 class ConvStem(nn.Sequential):
     """DMK branch stem to stride 4: two 3x3 stride-2 convs with norm and activation."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_op=BatchNorm2d, norm_kwargs=None,
-                 nonlin=nn.GELU, nonlin_kwargs=None):
+                 nonlin=nn.GELU, nonlin_kwargs=None, strides=(2, 2)):
         ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
-        super().__init__(ConvNormAct(in_channels, max(out_channels // 2, 1), 3, 2, **ops),
-                         ConvNormAct(max(out_channels // 2, 1), out_channels, 3, 2, **ops))
+        super().__init__(ConvNormAct(in_channels, max(out_channels // 2, 1), 3, strides[0], **ops),
+                         ConvNormAct(max(out_channels // 2, 1), out_channels, 3, strides[1], **ops))
+
+
+class UpConvBlock(nn.Module):
+    """A light convolutional decoder stage at a stem's resolution: the coarser feature is projected to
+    ``out_channels`` (1x1, at its own resolution, where it is cheap), upsampled, concatenated with the skip and fused
+    by one 3x3 ``ConvNormAct``.
+
+    Attention at full resolution would cost more than the rest of the network, and at these widths a second 3x3
+    convolution per stage would add about a tenth to FIAS-T's training step (docs/benchmarks.md).
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm_op=BatchNorm2d, norm_kwargs=None,
+                 nonlin=nn.GELU, nonlin_kwargs=None):
+        super().__init__()
+        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+        self.project = ConvNormAct(in_channels, out_channels, 1, **ops)
+        self.fuse = ConvNormAct(out_channels + skip_channels, out_channels, 3, **ops)
+
+    def forward(self, d: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        d = F.interpolate(self.project(d), size=skip.shape[2:], mode="bilinear", align_corners=False)
+        x = torch.cat([d, skip], dim=1)
+        return self.fuse(x.contiguous(memory_format=conv_memory_format(x)))
 
 
 class DilateBlock(nn.Module):
@@ -190,8 +219,10 @@ class ContextAwareFusion(nn.Module):
         ``"concat"``: channel logits from ``GAP(concat(G, L))`` plus spatial logits from a 7x7 conv over the
             channel-mean/-max of the concatenation; ``a_G = sigmoid(channel + spatial)`` per channel and position.
 
-    After each forward pass ``last_global_weight`` holds the mean ``a_G`` (a scalar buffer, not saved in the
-    state dict): it makes the balance between the branches observable.
+    After each forward pass ``last_global_weight`` holds the mean ``a_G`` and ``last_global_share`` the global
+    branch's effective share of the fused feature, ``mean|a_G G| / (mean|a_G G| + mean|a_L L|)`` (scalar buffers,
+    not saved in the state dict): they make the balance between the branches observable. The two differ because the
+    branches differ in scale.
 
     Args:
         channels: width of G and L.
@@ -215,6 +246,7 @@ class ContextAwareFusion(nn.Module):
         if variant == "concat":
             self.spatial = nn.Conv2d(2, 1, 7, padding=3)
         self.register_buffer("last_global_weight", torch.full((), float("nan")), persistent=False)
+        self.register_buffer("last_global_share", torch.full((), float("nan")), persistent=False)
 
     def branch_weights(self, g: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(a_G, a_L)``, broadcastable to ``g``, with ``a_G + a_L == 1``."""
@@ -234,9 +266,14 @@ class ContextAwareFusion(nn.Module):
 
     def forward(self, g: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
         a_g, a_l = self.branch_weights(g, l)
+        weighted_g, weighted_l = a_g * g, a_l * l
         with torch.no_grad():
             self.last_global_weight.copy_(a_g.mean())
-        return a_g * g + a_l * l
+            # The branches differ in scale (the global one is LayerNorm-ed, the local residual stream is not), so
+            # a_G alone does not say how much of F comes from each: this does.
+            mag_g, mag_l = weighted_g.abs().mean(), weighted_l.abs().mean()
+            self.last_global_share.copy_(mag_g / (mag_g + mag_l).clamp_min(1e-12))
+        return weighted_g + weighted_l
 
 
 class MonteCarloAttention(nn.Module):

@@ -7,6 +7,7 @@ README's network section).
 from __future__ import annotations
 
 import contextlib
+import math
 from functools import partial
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .blocks import (CAF_VARIANTS, LN_EPS, BatchNorm2d, ContextAwareFusion, ConvNormAct, ConvStem, DMKBlock,
-                     DilateBlock, MixAttBlock, OverlapStem, conv_memory_format, init_weights)
+                     DilateBlock, MixAttBlock, OverlapStem, UpConvBlock, conv_memory_format, init_weights)
 
 FIAS_PRESETS: dict[str, dict] = {
     # DilateFormer-Tiny/Small/Base layouts for the global branch.
@@ -28,7 +29,9 @@ FIAS_PRESETS: dict[str, dict] = {
               local_depths=(3, 3, 3, 3)),
 }
 
-STAGE_STRIDES = (4, 8, 16, 32)
+# Per-axis strides of FIAS's five downsamplings (two in the stems, one before each of stages 2-4) when no plan sets
+# them: stages at strides 4, 8, 16 and 32.
+DEFAULT_STRIDES = ((2, 2),) * 5
 
 # Encoder stages (both branches) whose blocks are recomputed in backward instead of keeping their activations.
 DEFAULT_CHECKPOINT_STAGES = (0, 1)
@@ -56,15 +59,16 @@ def _checkpoint_contexts(module: nn.Module):
     return contextlib.nullcontext(), _running_statistics_kept(module)
 
 
-def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``, keeping only ``x`` for backward and recomputing the rest there (non-reentrant checkpointing).
+def checkpointed(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """``module(*inputs)``, keeping only the inputs for backward and recomputing the rest there (non-reentrant
+    checkpointing).
 
     Under ``torch.compile`` the recomputation is planned by the compiler, which does not replay the BatchNorm
     updates; the context that prevents that in eager mode is then left out (dynamo accepts no custom context_fn).
     """
     if torch.compiler.is_compiling():
-        return torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
-    return torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False,
+        return torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False,
                                              context_fn=partial(_checkpoint_contexts, module))
 
 
@@ -74,6 +78,29 @@ def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpoint: bool) -> tor
     for block in blocks:
         x = checkpointed(block, x)
     return x
+
+
+def fias_strides_from_plan(plan_strides: Sequence, patch_size: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """FIAS's five per-axis downsampling strides from an nnU-Net plan's ``strides`` and ``patch_size``.
+
+    nnU-Net lists one stride per stage, the first (all ones) being the input stage; the entries after it are the
+    downsamplings, possibly anisotropic (``[2, 1]``). FIAS takes the first five in order: two for its stems, one
+    before each of stages 2-4. A plan with fewer downsamplings (small patches) is completed with 2 along each axis
+    whose remaining size is even and 1 elsewhere, so the patch stays divisible and nothing is padded. Square
+    power-of-two plans of 128 and more (or 64 with four downsamplings) give the default ``((2, 2),) * 5``.
+    """
+    patch = [int(p) for p in patch_size]
+    plan = [tuple(int(v) for v in (s if isinstance(s, (list, tuple)) else [s] * len(patch))) for s in plan_strides]
+    if any(len(s) != len(patch) for s in plan):
+        raise ValueError(f"plan strides {list(plan_strides)} do not match the {len(patch)}D patch size {patch}")
+    downsamplings = plan[1:] if plan and all(v == 1 for v in plan[0]) else plan
+    strides = downsamplings[:5]
+    remaining = [p // math.prod(s[a] for s in strides) for a, p in enumerate(patch)]
+    while len(strides) < 5:
+        step = tuple(2 if r % 2 == 0 else 1 for r in remaining)
+        remaining = [r // st for r, st in zip(remaining, step)]
+        strides.append(step)
+    return tuple(strides)
 
 
 def _four(name: str, value, cast=int) -> tuple:
@@ -93,12 +120,13 @@ class DilateFormerBranch(nn.Module):
     """
 
     def __init__(self, in_channels, widths, depths, num_heads, msda_stages, dilations, kernel_size, mlp_ratio,
-                 qkv_bias, drop_path_rates, norm_op, norm_kwargs, stem_width=16, checkpoint_stages=()):
+                 qkv_bias, drop_path_rates, norm_op, norm_kwargs, stem_width=16, checkpoint_stages=(),
+                 strides=DEFAULT_STRIDES):
         super().__init__()
-        self.stem = OverlapStem(in_channels, widths[0], stem_width, norm_op, norm_kwargs)
+        self.stem = OverlapStem(in_channels, widths[0], stem_width, norm_op, norm_kwargs, strides=strides[:2])
         self.downsamples = nn.ModuleList(
-            [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, 2, norm_op=norm_op, norm_kwargs=norm_kwargs,
-                                           nonlin=None, bias=True) for s in range(1, 4)])
+            [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, strides[s + 1], norm_op=norm_op,
+                                           norm_kwargs=norm_kwargs, nonlin=None, bias=True) for s in range(1, 4)])
         self.checkpoint_stages = frozenset(checkpoint_stages)
         rates = iter(drop_path_rates)
         self.stages = nn.ModuleList(
@@ -107,9 +135,12 @@ class DilateFormerBranch(nn.Module):
             for s in range(4))
         self.norms = nn.ModuleList(nn.LayerNorm(w, eps=LN_EPS) for w in widths)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        features = []
+    def forward(self, x: torch.Tensor, stem_skips: bool = False) -> list[torch.Tensor]:
+        """Stage features, preceded by the stem's full- and half-resolution features when ``stem_skips``."""
+        if stem_skips:
+            x, features = self.stem.forward_with_skips(x)
+        else:
+            x, features = self.stem(x), []
         for s, (down, stage, norm) in enumerate(zip(self.downsamples, self.stages, self.norms)):
             x = down(x.contiguous(memory_format=conv_memory_format(x)))
             x = _run_blocks(stage, x.permute(0, 2, 3, 1), self.training and s in self.checkpoint_stages)
@@ -122,13 +153,14 @@ class DMKBranch(nn.Module):
     """Local branch: conv stem, then per stage (downsampling for stages 2-4 and) depthwise multi-kernel blocks."""
 
     def __init__(self, in_channels, widths, depths, kernel_sizes, expansion, drop_path_rates, norm_op, norm_kwargs,
-                 nonlin, checkpoint_stages=()):
+                 nonlin, checkpoint_stages=(), strides=DEFAULT_STRIDES):
         super().__init__()
         self.checkpoint_stages = frozenset(checkpoint_stages)
         ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs)
-        self.stem = ConvStem(in_channels, widths[0], nonlin=nonlin, **ops)
+        self.stem = ConvStem(in_channels, widths[0], nonlin=nonlin, strides=strides[:2], **ops)
         self.downsamples = nn.ModuleList(
-            [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, 2, nonlin=None, **ops) for s in range(1, 4)])
+            [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, strides[s + 1], nonlin=None, **ops)
+                               for s in range(1, 4)])
         rates = iter(drop_path_rates)
         self.stages = nn.ModuleList(
             nn.Sequential(*[DMKBlock(widths[s], kernel_sizes, expansion, next(rates), nonlin=nonlin, **ops)
@@ -149,23 +181,87 @@ class DMKBranch(nn.Module):
 class DualPathEncoder(nn.Module):
     """DilateFormer (global) and DMK (local) branches fused per stage by Context-Aware Fusion.
 
-    Publishes its topology for the decoder: ``output_channels`` (per stage) and ``strides`` (per stage, w.r.t. the
-    input).
+    Publishes its topology for the decoder: ``output_channels`` and ``strides`` (per-axis, w.r.t. the input) of the
+    stage features, and ``stem_channels`` / ``stem_strides`` of the global stem's full- and half-resolution
+    features, which the forward pass returns first when ``stem_skips`` is set.
     """
 
     def __init__(self, global_branch: DilateFormerBranch, local_branch: DMKBranch, widths: Sequence[int],
-                 caf_variant: str, caf_reduction: int):
+                 caf_variant: str, caf_reduction: int, strides: Sequence[Sequence[int]] = DEFAULT_STRIDES):
         super().__init__()
         self.global_branch, self.local_branch = global_branch, local_branch
         self.fusions = nn.ModuleList(ContextAwareFusion(w, caf_variant, caf_reduction) for w in widths)
+        cumulative = [tuple(math.prod(s[a] for s in strides[:n]) for a in range(len(strides[0])))
+                      for n in range(len(strides) + 1)]
         self.output_channels = tuple(widths)
-        self.strides = STAGE_STRIDES
+        self.strides = tuple(cumulative[2:])
+        self.stem_channels = global_branch.stem.out_channels[:2]
+        self.stem_strides = tuple(cumulative[:2])
+        self.stem_skips = False
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [caf(g, l) for caf, g, l in zip(self.fusions, self.global_branch(x), self.local_branch(x))]
+        g = self.global_branch(x, self.stem_skips)
+        skips, g = g[:len(g) - 4], g[len(g) - 4:]
+        return skips + [caf(gs, ls) for caf, gs, ls in zip(self.fusions, g, self.local_branch(x))]
 
 
 _OLD_HEAD_NAMES = {"main_head.": "seg_layers.0."} | {f"aux_heads.{i}.": f"seg_layers.{i + 1}." for i in range(3)}
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state dict that does not fit the FIAS network it is loaded into, with what differs in words."""
+
+
+def _renamed(key: str) -> str:
+    for old, new in _OLD_HEAD_NAMES.items():
+        if key.startswith("decoder." + old):
+            return "decoder." + new + key[len("decoder." + old):]
+    return key
+
+
+def _group(keys) -> str:
+    groups = sorted({".".join(k.split(".")[:3]) for k in keys})
+    return ", ".join(groups[:6]) + (f" and {len(groups) - 6} more" if len(groups) > 6 else "")
+
+
+def check_checkpoint_fits(net: "FIAS", state_dict: dict) -> None:
+    """Raise :class:`CheckpointMismatchError` naming what changed when ``state_dict`` does not fit ``net`` exactly."""
+    own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    theirs = {_renamed(k): tuple(v.shape) for k, v in state_dict.items()}
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    reshaped = [k for k in own if k in theirs and own[k] != theirs[k]]
+    if not (missing or unexpected or reshaped):
+        return
+    reasons = []
+    if any(k.startswith("decoder.stem_stages.") for k in missing):
+        reasons.append("the checkpoint has no full-resolution decoder stages: it was trained with "
+                       "full_resolution_decoder=False (or by a version without them); build the network that way")
+    if any(k.startswith("decoder.stem_stages.") for k in unexpected):
+        reasons.append("the checkpoint has full-resolution decoder stages, this network has none "
+                       "(full_resolution_decoder=False)")
+    if any(k.startswith("encoder.global_branch.stem.") for k in missing + unexpected + reshaped):
+        reasons.append("the global branch's stem differs: this network uses DilateFormer's official stem "
+                       f"(stem_width={net.encoder.stem_channels[0]}); checkpoints of FIAS versions with the earlier "
+                       "C/2-wide stem cannot be loaded")
+    head = "decoder.seg_layers.1.weight"
+    if head in own and head in theirs and own[head][0] != theirs[head][0]:
+        reasons.append(f"the number of output channels differs (checkpoint {theirs[head][0]}, network "
+                       f"{own[head][0]}); to fine-tune into another label set use nnUNetv2_train -pretrained_weights, "
+                       "which skips the segmentation heads")
+    if not reasons:
+        reasons.append("the preset or the network arguments (widths, depths, heads, kernels) differ")
+    details = []
+    if missing:
+        details.append(f"{len(missing)} tensors missing ({_group(missing)})")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected ({_group(unexpected)})")
+    if reshaped:
+        first = reshaped[0]
+        details.append(f"{len(reshaped)} with other shapes (e.g. {first}: checkpoint {list(theirs[first])}, network "
+                       f"{list(own[first])})")
+    raise CheckpointMismatchError("This checkpoint does not fit the FIAS network built here: " + "; ".join(reasons)
+                                  + ". " + "; ".join(details) + ".")
 
 
 def _rename_old_heads(module, state_dict, prefix, *args) -> None:
@@ -179,8 +275,10 @@ def _rename_old_heads(module, state_dict, prefix, *args) -> None:
 
 
 class MixAttDecoder(nn.Module):
-    """MixAtt decoder built from the encoder's topology, with segmentation heads on the stride 4 feature (the main
-    output, upsampled to the input) and on the stride 8, 16 and 32 features (deep supervision).
+    """MixAtt decoder built from the encoder's topology: MixAtt stages up to stage 1 and, with ``full_resolution``,
+    two convolutional stages at the stems' resolutions, so that the main head works at the input's resolution as
+    nnU-Net's U-Net does (otherwise the main head is on stage 1 and its logits are upsampled). Auxiliary heads on the
+    stage 2, 3 and 4 features give deep supervision.
 
     The heads are ``seg_layers[0..3]`` (main first), the name nnU-Net's own decoders use: ``nnUNetv2_train
     -pretrained_weights`` skips exactly the keys containing ``.seg_layers.``, so fine-tuning into a dataset with
@@ -192,23 +290,42 @@ class MixAttDecoder(nn.Module):
 
     def __init__(self, encoder: DualPathEncoder, num_classes: int, num_heads: Sequence[int],
                  kv_reduction: Sequence[int], mc_pool_sizes: Sequence[int], deep_supervision: bool, norm_op,
-                 norm_kwargs, nonlin):
+                 norm_kwargs, nonlin, full_resolution: bool = True):
         super().__init__()
         ch = encoder.output_channels
         self.deep_supervision = deep_supervision
+        self.full_resolution = full_resolution
         self.stages = nn.ModuleList(
             MixAttBlock(ch[s + 1], ch[s], num_heads[s], kv_reduction[s], mc_pool_sizes, norm_op, norm_kwargs, nonlin)
             for s in (2, 1, 0))  # coarse to fine
-        self.seg_layers = nn.ModuleList(nn.Conv2d(ch[s], num_classes, 1) for s in range(4))
+        main_channels = ch[0]
+        if full_resolution:
+            # Convolutional stages at the stems' resolutions, twice and once the stem width, with the global stem's
+            # half- and full-resolution features as skips.
+            half, full = encoder.stem_channels[1], encoder.stem_channels[0]
+            self.stem_stages = nn.ModuleList([
+                UpConvBlock(ch[0], half, 2 * full, norm_op, norm_kwargs, nonlin),
+                UpConvBlock(2 * full, full, full, norm_op, norm_kwargs, nonlin)])
+            main_channels = full
+        self.seg_layers = nn.ModuleList([nn.Conv2d(main_channels, num_classes, 1)]
+                                        + [nn.Conv2d(ch[s], num_classes, 1) for s in range(1, 4)])
         self.register_load_state_dict_pre_hook(_rename_old_heads)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Returns logits on the padded grid: ``[main (stride 4)]`` or ``[main, aux s8, aux s16, aux s32]``."""
+        """Logits on the padded grid: ``[main]`` or ``[main, aux stage 2, aux stage 3, aux stage 4]``; the main output
+        is at the input's resolution with full-resolution decoding, else at stage 1's."""
+        skips, features = features[:len(features) - 4], features[len(features) - 4:]
         decoded = [features[3]]  # D_4 = F_4
         for block, skip in zip(self.stages, (features[2], features[1], features[0])):
             decoded.append(block(decoded[-1], skip))
         fine_to_coarse = decoded[::-1]
-        main = self.seg_layers[0](fine_to_coarse[0])
+        finest = fine_to_coarse[0]
+        if self.full_resolution:
+            # Cheap convolutions on large maps: recomputed in backward rather than kept.
+            recompute = self.training and torch.is_grad_enabled()
+            for block, skip in zip(self.stem_stages, skips[::-1]):
+                finest = checkpointed(block, finest, skip) if recompute else block(finest, skip)
+        main = self.seg_layers[0](finest)
         if self.deep_supervision:
             return [main] + [head(d) for head, d in zip(self.seg_layers[1:], fine_to_coarse[1:])]
         if self.training:
@@ -220,7 +337,7 @@ class MixAttDecoder(nn.Module):
 
 def _validated_config(input_channels, num_classes, preset, widths, global_depths, num_heads, local_depths,
                       msda_stages, dilations, decoder_kv_reduction, caf_variant, drop_path_rate, stem_width,
-                      checkpoint_stages) -> dict:
+                      checkpoint_stages, strides) -> dict:
     """Resolve the preset and check FIAS's arguments; every error names the argument and the value."""
     if preset not in FIAS_PRESETS:
         raise ValueError(f"preset must be one of {sorted(FIAS_PRESETS)}, got {preset!r}")
@@ -253,6 +370,10 @@ def _validated_config(input_channels, num_classes, preset, widths, global_depths
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     if stem_width < 1:
         raise ValueError(f"stem_width must be >= 1, got {stem_width}")
+    cfg["strides"] = DEFAULT_STRIDES if strides is None else tuple(tuple(int(v) for v in s) for s in strides)
+    if len(cfg["strides"]) != 5 or any(len(s) != 2 or min(s) < 1 for s in cfg["strides"]):
+        raise ValueError("strides needs the per-axis strides (2 values >= 1) of FIAS's five downsamplings (two in "
+                         f"the stems, one before each of stages 2-4), got {strides}")
     return cfg
 
 
@@ -283,6 +404,12 @@ class FIAS(nn.Module):
         decoder_kv_reduction: key/value pooling of the decoder self-attention at strides 4, 8, 16
             (default 4, 2, 1: 1/16 of the keys at stride 4, 1/4 at stride 8, all at stride 16).
         mc_pool_sizes: Monte Carlo attention pooling sizes (default 1, 2, 3, as SvANet).
+        strides: per-axis strides of the five downsamplings: two in the stems, one before each of stages 2-4
+            (default ``((2, 2),) * 5``: stages at strides 4, 8, 16, 32). FIASTrainer takes them from nnU-Net's plans
+            (:func:`fias_strides_from_plan`); the parameters do not depend on them.
+        full_resolution_decoder: decode on to the input's resolution with two convolutional stages that take the
+            global stem's features as skips, and put the main head there (default); False puts it on stage 1 and
+            upsamples its logits bilinearly.
         stem_width: width of the global branch's full-resolution stem convolution; the half-resolution ones have
             2x and 4x (default 16: DilateFormer's own stem, 16/32/64 channels).
         checkpoint_stages: encoder stages (0-based, both branches) whose blocks are recomputed in backward instead of
@@ -293,18 +420,15 @@ class FIAS(nn.Module):
             trains at batch 1 on a 1x1 stage).
         nonlin: activation of the convolutional parts (default GELU).
 
-    The input is zero-padded (bottom/right) to a multiple of 32 and every output is cropped back, so any 2D size
-    works: the main output has the input's size, auxiliary outputs ``max(1, round(size / stride))`` per axis
-    (see :meth:`get_deep_supervision_scales`).
+    The input is zero-padded (bottom/right) to a multiple of the total stride per axis (32 with the default strides)
+    and every output is cropped back, so any 2D size works: the main output has the input's size, auxiliary outputs
+    ``max(1, round(size / stride))`` per axis (see :meth:`get_deep_supervision_scales`).
 
     Example:
         >>> net = FIAS(1, 9, preset="T", deep_supervision=True)
         >>> [o.shape[2:] for o in net(torch.randn(2, 1, 40, 224))]
         [torch.Size([40, 224]), torch.Size([5, 28]), torch.Size([2, 14]), torch.Size([1, 7])]
     """
-
-    output_strides = (1,) + STAGE_STRIDES[1:]
-    size_divisor = STAGE_STRIDES[-1]
 
     def __init__(self, input_channels: int, num_classes: int, preset: str = "T", deep_supervision: bool = False, *,
                  widths: Sequence[int] | None = None, global_depths: Sequence[int] | None = None,
@@ -315,12 +439,14 @@ class FIAS(nn.Module):
                  caf_variant: str = "select", caf_reduction: int = 4,
                  decoder_kv_reduction: Sequence[int] = (4, 2, 1), mc_pool_sizes: Sequence[int] = (1, 2, 3),
                  checkpoint_stages: Sequence[int] = DEFAULT_CHECKPOINT_STAGES,
+                 strides: Sequence[Sequence[int]] | None = None, full_resolution_decoder: bool = True,
                  norm_op: type[nn.Module] = BatchNorm2d, norm_kwargs: dict | None = None,
                  nonlin: type[nn.Module] = nn.GELU):
         super().__init__()
         cfg = _validated_config(input_channels, num_classes, preset, widths, global_depths, num_heads, local_depths,
                                 msda_stages, dilations, decoder_kv_reduction, caf_variant, drop_path_rate,
-                                stem_width, checkpoint_stages)
+                                stem_width, checkpoint_stages, strides)
+        strides = cfg["strides"]
         widths, global_depths, local_depths = cfg["widths"], cfg["global_depths"], cfg["local_depths"]
         self.input_channels, self.num_classes = input_channels, num_classes
         self.preset = preset
@@ -328,18 +454,29 @@ class FIAS(nn.Module):
         l_rates = torch.linspace(0, drop_path_rate, sum(local_depths)).tolist()
         global_branch = DilateFormerBranch(input_channels, widths, global_depths, cfg["num_heads"], cfg["msda_stages"],
                                            dilations, kernel_size, mlp_ratio, qkv_bias, g_rates, norm_op, norm_kwargs,
-                                           stem_width, cfg["checkpoint_stages"])
+                                           stem_width, cfg["checkpoint_stages"], strides)
         local_branch = DMKBranch(input_channels, widths, local_depths, dmk_kernel_sizes, dmk_expansion, l_rates,
-                                 norm_op, norm_kwargs, nonlin, cfg["checkpoint_stages"])
-        self.encoder = DualPathEncoder(global_branch, local_branch, widths, caf_variant, caf_reduction)
+                                 norm_op, norm_kwargs, nonlin, cfg["checkpoint_stages"], strides)
+        self.encoder = DualPathEncoder(global_branch, local_branch, widths, caf_variant, caf_reduction, strides)
+        self.encoder.stem_skips = full_resolution_decoder
         self.decoder = MixAttDecoder(self.encoder, num_classes, cfg["num_heads"], cfg["decoder_kv_reduction"],
-                                     mc_pool_sizes, deep_supervision, norm_op, norm_kwargs, nonlin)
+                                     mc_pool_sizes, deep_supervision, norm_op, norm_kwargs, nonlin,
+                                     full_resolution_decoder)
+        self.strides = strides
+        # Outputs: the main one at the input's resolution, auxiliary ones at stages 2-4.
+        self.output_strides = ((1,) * len(strides[0]),) + self.encoder.strides[1:]
+        self.size_divisor = self.encoder.strides[-1]
         self.apply(init_weights)
 
     def output_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
-        """Spatial size of every output (main first) for an input of spatial ``size``."""
+        """Spatial size of every output (main first) for an input of spatial ``size``.
+
+        Exactly ``size / stride`` per axis where the size is divisible by the network's strides (nnU-Net's patch
+        sizes are by the plan's strides, which the trainer passes on); else rounded, at least 1.
+        """
         size = tuple(int(s) for s in size)
-        return [size] + [tuple(max(1, round(s / stride)) for s in size) for stride in self.output_strides[1:]]
+        return [size] + [tuple(max(1, round(s / st)) for s, st in zip(size, stride))
+                         for stride in self.output_strides[1:]]
 
     def get_deep_supervision_scales(self, patch_size: Sequence[int]) -> list[list[float]]:
         """Per-output, per-axis scales such that ``round(patch_size * scale)`` is exactly each output's size.
@@ -349,9 +486,22 @@ class FIAS(nn.Module):
         patch_size = tuple(int(s) for s in patch_size)
         return [[o / p for o, p in zip(out, patch_size)] for out in self.output_sizes(patch_size)]
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; in strict mode a checkpoint that does not fit raises
+        :class:`CheckpointMismatchError` saying what changed (decoder, stem, classes, preset) instead of listing
+        every tensor."""
+        if strict:
+            check_checkpoint_fits(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def caf_global_weights(self) -> list[float]:
-        """Mean weight of the global (DilateFormer) branch per stage in the last forward pass (NaN before any)."""
+        """Mean weight a_G of the global (DilateFormer) branch per stage in the last forward pass (NaN before any)."""
         return [float(caf.last_global_weight) for caf in self.encoder.fusions]
+
+    def caf_global_shares(self) -> list[float]:
+        """The global branch's effective share of each stage's fused feature in the last forward pass:
+        ``mean|a_G G| / (mean|a_G G| + mean|a_L L|)`` (NaN before any)."""
+        return [float(caf.last_global_share) for caf in self.encoder.fusions]
 
     def forward(self, x: torch.Tensor):
         if x.ndim != 4:
@@ -360,13 +510,12 @@ class FIAS(nn.Module):
         if x.shape[1] != self.input_channels:
             raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
         size = x.shape[2:]
-        div = self.size_divisor
-        pad_h, pad_w = (-size[0]) % div, (-size[1]) % div
-        if pad_h or pad_w:
+        pad_h, pad_w = ((-s) % d for s, d in zip(size, self.size_divisor))
+        if pad_h or pad_w:  # only where the input is not divisible by the strides (never for nnU-Net's plans)
             x = F.pad(x, (0, pad_w, 0, pad_h))
         outputs = self.decoder(self.encoder(x))
         padded = (size[0] + pad_h, size[1] + pad_w)
-        # Main head is at stride 4: upsample to the padded input, then crop everything to the unpadded extent.
-        outputs[0] = F.interpolate(outputs[0], size=padded, mode="bilinear", align_corners=False)
+        if not self.decoder.full_resolution:  # main head at stage 1: upsample its logits to the input
+            outputs[0] = F.interpolate(outputs[0], size=padded, mode="bilinear", align_corners=False)
         outputs = [o[:, :, :h, :w] for o, (h, w) in zip(outputs, self.output_sizes(size))]
         return outputs if self.decoder.deep_supervision else outputs[0]

@@ -190,6 +190,42 @@ def prepared_dataset(base: Path) -> Path:
     return _PREPARED[key]
 
 
+THIN_DATASET_ID = 988
+THIN_DATASET_NAME = f"Dataset{THIN_DATASET_ID:03d}_FIASThin"
+
+
+def planned_thin_dataset(base: Path) -> Path:
+    """A thin anisotropic dataset (6 slices of 15x67 pixels, in-plane spacing 1 x 2 mm), planned (not preprocessed)
+    by nnU-Net's default planner; returns its nnUNetPlans.json. nnU-Net plans anisotropic 2D strides for it."""
+    from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+    import SimpleITK as sitk
+
+    root = base / "thin"
+    plans = root / "preprocessed" / THIN_DATASET_NAME / "nnUNetPlans.json"
+    if plans.is_file():
+        return plans
+    folder = root / "raw" / THIN_DATASET_NAME
+    for sub in ("imagesTr", "labelsTr"):
+        maybe_mkdir_p(str(folder / sub))
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:6, :15, :67]
+    for i in range(8):
+        cy, cx, ry, rx = rng.uniform(4, 11), rng.uniform(15, 52), rng.uniform(2, 5), rng.uniform(6, 14)
+        seg = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+        img = rng.normal(100.0, 15.0, seg.shape) + 80.0 * seg
+        for arr, path in ((img.astype(np.float32), folder / "imagesTr" / f"thin_{i:03d}_0000.nii.gz"),
+                          (seg, folder / "labelsTr" / f"thin_{i:03d}.nii.gz")):
+            image = sitk.GetImageFromArray(arr)
+            image.SetSpacing((2.0, 1.0, 4.0))  # x, y (in-plane 1 x 2 mm after nnU-Net's transpose), z
+            sitk.WriteImage(image, str(path))
+    generate_dataset_json(str(folder), {0: "MR"}, {"background": 0, "blob": 1}, 8, ".nii.gz",
+                          dataset_name=THIN_DATASET_NAME)
+    run_tool("nnUNetv2_plan_and_preprocess", ["-d", THIN_DATASET_ID, "-c", "2d", "-npfp", "1", "--no_pp"],
+             nnunet_env(root))
+    return plans
+
+
 def load_plans_and_dataset_json(root: Path) -> tuple[dict, dict]:
     from batchgenerators.utilities.file_and_folder_operations import load_json
 

@@ -79,7 +79,7 @@ def test_presets_grow_and_overrides_apply():
     assert counts["T"] < counts["S"] < counts["B"]
     net = FIAS(1, 9, preset="B", widths=(48, 96, 192, 384), caf_variant="sigmoid")
     assert net.encoder.output_channels == (48, 96, 192, 384)
-    assert net.encoder.strides == (4, 8, 16, 32)
+    assert net.encoder.strides == ((4, 4), (8, 8), (16, 16), (32, 32))
     assert all(f.variant == "sigmoid" for f in net.encoder.fusions)
 
 

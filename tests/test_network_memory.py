@@ -117,3 +117,23 @@ def test_heads_are_seg_layers_and_old_names_still_load():
         torch.testing.assert_close(fresh.state_dict()[key], value)
     wrapped = torch.nn.Sequential(copy.deepcopy(fresh))  # also under a prefix
     wrapped.load_state_dict({"0." + k: v for k, v in old.items()})
+
+
+def test_checkpoint_that_no_longer_fits_names_what_changed():
+    from nnunetv2_fias.architectures.fias import CheckpointMismatchError
+
+    full, stage_one = tiny(), tiny(full_resolution_decoder=False)
+    with pytest.raises(CheckpointMismatchError, match="no full-resolution decoder stages"):
+        full.load_state_dict(stage_one.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="has full-resolution decoder stages"):
+        stage_one.load_state_dict(full.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="number of output channels differs .checkpoint 3, network 5"):
+        FIAS(1, 5, **TINY).load_state_dict(full.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="stem differs"):
+        tiny(stem_width=8).load_state_dict(full.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="preset or the network arguments"):
+        tiny(local_depths=(2, 2, 1, 1)).load_state_dict(full.state_dict())
+    tiny().load_state_dict(full.state_dict())  # a fitting one loads
+    partial = dict(full.state_dict())
+    partial.pop("decoder.seg_layers.0.weight")
+    tiny().load_state_dict(partial, strict=False)  # non-strict loading is left to torch

@@ -54,7 +54,8 @@ def test_public_trainers_keep_nnunet_signature_and_names():
     assert names == ["FIASTrainer", "FIASTrainer_5epochs", "FIASTrainer_100epochs", "FIASTrainer_250epochs",
                      "FIASTrainerNoDS", "FIASTrainerNoAMP", "FIASTrainer_S", "FIASTrainer_B",
                      "FIASTrainer_demoBudget", "nnUNetTrainer_demoBudget", "FIASTrainer_smokeBudget",
-                     "nnUNetTrainer_smokeBudget"]
+                     "nnUNetTrainer_smokeBudget", "FIASTrainer_ImageNet", "FIASTrainer_ImageNet_S",
+                     "FIASTrainer_ImageNet_B"]
     def params(fn):  # names, kinds and defaults: nnU-Net records init kwargs by parameter name
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 

@@ -157,20 +157,28 @@ class FIASTrainer(nnUNetTrainer):
         self.grad_clip_norm = 1.0
         self.use_amp = True
         self._caf_epoch_values: list[np.ndarray] = []
+        self._caf_share_values: list[np.ndarray] = []
         self._caf_history: dict[int, list[float]] = {}
+        self._caf_share_history: dict[int, list[float]] = {}
 
     # ------------------------------------------------------------------ network
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """Builds FIAS from the class attributes; nnU-Net calls this on the instance (training) and on the class
-        (inference, with deep supervision off, followed by a strict ``load_state_dict``)."""
-        from nnunetv2_fias.architectures import FIAS
+        """Builds FIAS from the class attributes and the plan's per-axis strides (see ``fias_strides_from_plan``);
+        nnU-Net calls this on the instance (training) and on the class (inference, with deep supervision off,
+        followed by a strict ``load_state_dict``)."""
+        from nnunetv2_fias.architectures import FIAS, fias_strides_from_plan
 
-        _require_2d(configuration_manager.patch_size, configuration_manager.data_identifier, cls.__name__)
+        patch = configuration_manager.patch_size
+        _require_2d(patch, configuration_manager.data_identifier, cls.__name__)
+        kwargs = dict(cls.fias_overrides)
+        plan_strides = configuration_manager.network_arch_init_kwargs.get("strides")
+        if "strides" not in kwargs and plan_strides is not None:
+            kwargs["strides"] = fias_strides_from_plan(plan_strides, patch)
         return FIAS(num_input_channels, num_output_channels, preset=cls.fias_preset,
-                    deep_supervision=enable_deep_supervision, **dict(cls.fias_overrides))
+                    deep_supervision=enable_deep_supervision, **kwargs)
 
     def _fias(self) -> nn.Module:
         """The bare FIAS module behind DDP and torch.compile wrappers."""
@@ -293,7 +301,9 @@ class FIASTrainer(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.optimizer.step()
         loss_value = loss.detach().cpu().numpy()  # synchronises, so reading the CAF buffers below is free
-        self._caf_epoch_values.append(np.asarray(self._fias().caf_global_weights(), dtype=np.float64))
+        net = self._fias()
+        self._caf_epoch_values.append(np.asarray(net.caf_global_weights(), dtype=np.float64))
+        self._caf_share_values.append(np.asarray(net.caf_global_shares(), dtype=np.float64))
         return {"loss": loss_value}
 
     def validation_step(self, batch: dict) -> dict:
@@ -353,7 +363,7 @@ class FIASTrainer(nnUNetTrainer):
             return None
 
     def on_train_epoch_start(self):
-        self._caf_epoch_values = []
+        self._caf_epoch_values, self._caf_share_values = [], []
         super().on_train_epoch_start()
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
@@ -371,13 +381,18 @@ class FIASTrainer(nnUNetTrainer):
     def _record_caf_epoch(self) -> None:
         if not self._caf_epoch_values:
             return
-        per_iteration = np.stack(self._caf_epoch_values)
-        values = [float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in per_iteration.T]
-        self._caf_history[self.current_epoch] = values
-        self.print_to_log_file("CAF global-branch weight per stage (strides 4, 8, 16, 32):",
-                               [round(v, 4) for v in values])
+        weights = _epoch_means(self._caf_epoch_values)
+        shares = _epoch_means(self._caf_share_values) if self._caf_share_values else [math.nan] * len(weights)
+        self._caf_history[self.current_epoch] = weights
+        self._caf_share_history[self.current_epoch] = shares
+        self.print_to_log_file(f"CAF per stage (strides {self._stage_strides()}): global-branch weight a_G",
+                               [round(v, 4) for v in weights], "effective global share",
+                               [round(v, 4) for v in shares])
         if self.local_rank == 0:
             self._save_caf_history()
+
+    def _stage_strides(self) -> list[list[int]] | None:
+        return None if self.network is None else [list(s) for s in self._fias().encoder.strides]
 
     def _caf_paths(self) -> tuple[str, str]:
         return os.path.join(self.output_folder, CAF_JSON), os.path.join(self.output_folder, CAF_PNG)
@@ -385,48 +400,65 @@ class FIASTrainer(nnUNetTrainer):
     def _load_caf_history(self) -> None:
         """On ``--c``, keep the epochs the checkpoint covers (a crash may have logged one more)."""
         json_path, _ = self._caf_paths()
-        self._caf_history = {}
+        self._caf_history, self._caf_share_history = {}, {}
         if self.current_epoch > 0 and os.path.isfile(json_path):
             try:
                 with open(json_path) as f:
                     saved = json.load(f)
-                self._caf_history = {int(e): [math.nan if v is None else float(v) for v in w]
-                                     for e, w in zip(saved["epochs"], saved["global_weight"])
-                                     if int(e) < self.current_epoch}
-            except (OSError, ValueError, KeyError) as e:
+                for key, history in (("global_weight", self._caf_history), ("global_share", self._caf_share_history)):
+                    history.update({int(e): [math.nan if v is None else float(v) for v in w]
+                                    for e, w in zip(saved["epochs"], saved.get(key, []))
+                                    if int(e) < self.current_epoch})
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 self.print_to_log_file(f"Could not read {json_path} ({e}); the CAF history restarts here.")
 
     def _save_caf_history(self) -> None:
         json_path, png_path = self._caf_paths()
         epochs = sorted(self._caf_history)
         weights = [self._caf_history[e] for e in epochs]
-        strict = [[v if math.isfinite(v) else None for v in w] for w in weights]  # strict JSON: NaN -> null
+        shares = [self._caf_share_history.get(e, [math.nan] * len(w)) for e, w in zip(epochs, weights)]
         payload = {
-            "description": "Mean weight a_G of the global (DilateFormer) branch in each stage's CAF block, averaged "
-                           "over the epoch's training iterations; the local (DMK) branch gets 1 - a_G.",
+            "description": "Per stage's CAF block, averaged over the epoch's training iterations: global_weight is "
+                           "the mean weight a_G of the global (DilateFormer) branch (the local DMK branch gets "
+                           "1 - a_G); global_share is the global branch's effective share of the fused feature, "
+                           "mean|a_G G| / (mean|a_G G| + mean|a_L L|), which also reflects the branches' scales.",
             "trainer": self.__class__.__name__, "preset": self.fias_preset,
-            "stage_strides": [4, 8, 16, 32], "epochs": epochs, "global_weight": strict,
+            "stage_strides": self._stage_strides(), "epochs": epochs, "global_weight": _strict_json(weights),
+            "global_share": _strict_json(shares),
         }
         atomic_write_json(json_path, payload, indent=1, allow_nan=False)
-        self._plot_caf(epochs, weights, png_path)
+        self._plot_caf(epochs, weights, shares, self._stage_strides(), png_path)
 
     @staticmethod
-    def _plot_caf(epochs: list[int], weights: list[list[float]], png_path: str) -> None:
+    def _plot_caf(epochs: list[int], weights: list[list[float]], shares: list[list[float]],
+                  strides: list[list[int]] | None, png_path: str) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(8, 4.5), dpi=100)
+        fig = Figure(figsize=(11, 4.5), dpi=100)
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        arr = np.asarray(weights, dtype=float).reshape(len(epochs), -1)
-        for s in range(arr.shape[1]):
-            ax.plot(epochs, arr[:, s], marker="o" if len(epochs) < 30 else None, markersize=3,
-                    label=f"stage {s + 1} (stride {4 * 2 ** s})")
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("mean CAF weight of the global branch")
-        ax.set_title("CAF balance: global (DilateFormer) vs local (DMK) branch")
-        ax.legend(loc="best", fontsize="small")
+        panels = ((weights, "CAF weight a_G of the global branch"),
+                  (shares, "effective share of the global branch"))
+        for i, (values, label) in enumerate(panels):
+            ax = fig.add_subplot(1, 2, i + 1)
+            arr = np.asarray(values, dtype=float).reshape(len(epochs), -1)
+            for s in range(arr.shape[1]):
+                ax.plot(epochs, arr[:, s], marker="o" if len(epochs) < 30 else None, markersize=3,
+                        label=f"stage {s + 1}" + (f" (stride {'x'.join(map(str, strides[s]))})" if strides else ""))
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.legend(loc="best", fontsize="small")
+        fig.suptitle("CAF balance: global (DilateFormer) vs local (DMK) branch")
         fig.tight_layout()
         atomic_savefig(fig, png_path)
+
+
+def _epoch_means(per_iteration: list[np.ndarray]) -> list[float]:
+    arr = np.stack(per_iteration)
+    return [float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in arr.T]
+
+
+def _strict_json(rows: list[list[float]]) -> list[list[float | None]]:
+    return [[v if math.isfinite(v) else None for v in row] for row in rows]  # strict JSON: NaN -> null

@@ -17,7 +17,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .blocks import (CAF_VARIANTS, LN_EPS, BatchNorm2d, ContextAwareFusion, ConvNormAct, ConvStem, DMKBlock,
-                     DilateBlock, MixAttBlock, OverlapStem, UpConvBlock, conv_memory_format, init_weights)
+                     DilateBlock, MixAttBlock, OverlapStem, UpConvBlock, conv_memory_format, init_weights,
+                     permutations)
 
 FIAS_PRESETS: dict[str, dict] = {
     # DilateFormer-Tiny/Small/Base layouts for the global branch.
@@ -121,17 +122,21 @@ class DilateFormerBranch(nn.Module):
 
     def __init__(self, in_channels, widths, depths, num_heads, msda_stages, dilations, kernel_size, mlp_ratio,
                  qkv_bias, drop_path_rates, norm_op, norm_kwargs, stem_width=16, checkpoint_stages=(),
-                 strides=DEFAULT_STRIDES):
+                 strides=DEFAULT_STRIDES, conv_op=nn.Conv2d):
         super().__init__()
-        self.stem = OverlapStem(in_channels, widths[0], stem_width, norm_op, norm_kwargs, strides=strides[:2])
+        self.stem = OverlapStem(in_channels, widths[0], stem_width, norm_op, norm_kwargs, strides=strides[:2],
+                                conv_op=conv_op)
         self.downsamples = nn.ModuleList(
             [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, strides[s + 1], norm_op=norm_op,
-                                           norm_kwargs=norm_kwargs, nonlin=None, bias=True) for s in range(1, 4)])
+                                           norm_kwargs=norm_kwargs, nonlin=None, bias=True, conv_op=conv_op)
+                               for s in range(1, 4)])
         self.checkpoint_stages = frozenset(checkpoint_stages)
+        self.to_channels_first, self.to_channels_last = permutations(len(strides[0]))
         rates = iter(drop_path_rates)
         self.stages = nn.ModuleList(
             nn.Sequential(*[DilateBlock(widths[s], num_heads[s], "msda" if s in msda_stages else "global", dilations,
-                                        kernel_size, mlp_ratio, qkv_bias, next(rates)) for _ in range(depths[s])])
+                                        kernel_size, mlp_ratio, qkv_bias, next(rates), conv_op)
+                            for _ in range(depths[s])])
             for s in range(4))
         self.norms = nn.ModuleList(nn.LayerNorm(w, eps=LN_EPS) for w in widths)
 
@@ -143,27 +148,32 @@ class DilateFormerBranch(nn.Module):
             x, features = self.stem(x), []
         for s, (down, stage, norm) in enumerate(zip(self.downsamples, self.stages, self.norms)):
             x = down(x.contiguous(memory_format=conv_memory_format(x)))
-            x = _run_blocks(stage, x.permute(0, 2, 3, 1), self.training and s in self.checkpoint_stages)
-            x = norm(x).permute(0, 3, 1, 2)
+            x = _run_blocks(stage, x.permute(self.to_channels_last), self.training and s in self.checkpoint_stages)
+            x = norm(x).permute(self.to_channels_first)
             features.append(x)
         return features
 
 
 class DMKBranch(nn.Module):
-    """Local branch: conv stem, then per stage (downsampling for stages 2-4 and) depthwise multi-kernel blocks."""
+    """Local branch: conv stem, then per stage (downsampling for stages 2-4 and) depthwise multi-kernel blocks.
+
+    ``kernel_sizes`` are the DMK kernels of every stage, or with ``per_stage_kernels`` one such list per stage (3D
+    FIAS: anisotropic kernels where the plan does not convolve along an axis).
+    """
 
     def __init__(self, in_channels, widths, depths, kernel_sizes, expansion, drop_path_rates, norm_op, norm_kwargs,
-                 nonlin, checkpoint_stages=(), strides=DEFAULT_STRIDES):
+                 nonlin, checkpoint_stages=(), strides=DEFAULT_STRIDES, conv_op=nn.Conv2d, per_stage_kernels=False):
         super().__init__()
         self.checkpoint_stages = frozenset(checkpoint_stages)
-        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs)
+        ops = dict(norm_op=norm_op, norm_kwargs=norm_kwargs, conv_op=conv_op)
         self.stem = ConvStem(in_channels, widths[0], nonlin=nonlin, strides=strides[:2], **ops)
         self.downsamples = nn.ModuleList(
             [nn.Identity()] + [ConvNormAct(widths[s - 1], widths[s], 3, strides[s + 1], nonlin=None, **ops)
                                for s in range(1, 4)])
         rates = iter(drop_path_rates)
         self.stages = nn.ModuleList(
-            nn.Sequential(*[DMKBlock(widths[s], kernel_sizes, expansion, next(rates), nonlin=nonlin, **ops)
+            nn.Sequential(*[DMKBlock(widths[s], kernel_sizes[s] if per_stage_kernels else kernel_sizes, expansion,
+                                     next(rates), nonlin=nonlin, **ops)
                             for _ in range(depths[s])])
             for s in range(4))
 
@@ -190,7 +200,8 @@ class DualPathEncoder(nn.Module):
                  caf_variant: str, caf_reduction: int, strides: Sequence[Sequence[int]] = DEFAULT_STRIDES):
         super().__init__()
         self.global_branch, self.local_branch = global_branch, local_branch
-        self.fusions = nn.ModuleList(ContextAwareFusion(w, caf_variant, caf_reduction) for w in widths)
+        self.fusions = nn.ModuleList(ContextAwareFusion(w, caf_variant, caf_reduction, ndim=len(strides[0]))
+                                     for w in widths)
         cumulative = [tuple(math.prod(s[a] for s in strides[:n]) for a in range(len(strides[0])))
                       for n in range(len(strides) + 1)]
         self.output_channels = tuple(widths)
@@ -290,13 +301,14 @@ class MixAttDecoder(nn.Module):
 
     def __init__(self, encoder: DualPathEncoder, num_classes: int, num_heads: Sequence[int],
                  kv_reduction: Sequence[int], mc_pool_sizes: Sequence[int], deep_supervision: bool, norm_op,
-                 norm_kwargs, nonlin, full_resolution: bool = True):
+                 norm_kwargs, nonlin, full_resolution: bool = True, conv_op=nn.Conv2d):
         super().__init__()
         ch = encoder.output_channels
         self.deep_supervision = deep_supervision
         self.full_resolution = full_resolution
         self.stages = nn.ModuleList(
-            MixAttBlock(ch[s + 1], ch[s], num_heads[s], kv_reduction[s], mc_pool_sizes, norm_op, norm_kwargs, nonlin)
+            MixAttBlock(ch[s + 1], ch[s], num_heads[s], kv_reduction[s], mc_pool_sizes, norm_op, norm_kwargs, nonlin,
+                        conv_op=conv_op)
             for s in (2, 1, 0))  # coarse to fine
         main_channels = ch[0]
         if full_resolution:
@@ -304,11 +316,11 @@ class MixAttDecoder(nn.Module):
             # half- and full-resolution features as skips.
             half, full = encoder.stem_channels[1], encoder.stem_channels[0]
             self.stem_stages = nn.ModuleList([
-                UpConvBlock(ch[0], half, 2 * full, norm_op, norm_kwargs, nonlin),
-                UpConvBlock(2 * full, full, full, norm_op, norm_kwargs, nonlin)])
+                UpConvBlock(ch[0], half, 2 * full, norm_op, norm_kwargs, nonlin, conv_op=conv_op),
+                UpConvBlock(2 * full, full, full, norm_op, norm_kwargs, nonlin, conv_op=conv_op)])
             main_channels = full
-        self.seg_layers = nn.ModuleList([nn.Conv2d(main_channels, num_classes, 1)]
-                                        + [nn.Conv2d(ch[s], num_classes, 1) for s in range(1, 4)])
+        self.seg_layers = nn.ModuleList([conv_op(main_channels, num_classes, 1)]
+                                        + [conv_op(ch[s], num_classes, 1) for s in range(1, 4)])
         self.register_load_state_dict_pre_hook(_rename_old_heads)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -318,3 +318,64 @@ def ddp_worker(rank: int, world_size: int, root: str, results: str, port: int, d
                        "weights": list(getattr(trainer.loss, "weight_factors", []) or [])}, f)
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny anisotropic 3D dataset for the 3d_fullres end-to-end test.
+
+DATASET3D_ID = 989
+DATASET3D_NAME = f"Dataset{DATASET3D_ID:03d}_FIASTiny3D"
+NUM_TRAIN_3D = 8
+NUM_TEST_3D = 2
+VOLUME_SHAPE = (24, 32, 32)  # z, y, x
+VOLUME_SPACING = (1.0, 1.0, 2.5)  # x, y, z in mm (SimpleITK order): thick slices
+LABELS_3D = {"background": 0, "ball": 1}
+
+
+def _draw_volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One volume/label pair: a bright ellipsoid (1), flattened along z like an organ in thick slices."""
+    zz, yy, xx = np.mgrid[:VOLUME_SHAPE[0], :VOLUME_SHAPE[1], :VOLUME_SHAPE[2]]
+    cz, cy, cx = rng.uniform(8, 16), rng.uniform(10, 22), rng.uniform(10, 22)
+    rz, ry, rx = rng.uniform(3, 6), rng.uniform(4, 8), rng.uniform(4, 8)
+    seg = (((zz - cz) / rz) ** 2 + ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+    img = rng.normal(100.0, 15.0, VOLUME_SHAPE) + 80.0 * seg
+    return img.astype(np.float32), seg
+
+
+def make_raw_dataset_3d(raw_root: Path, seed: int = 0) -> Path:
+    """Generates the tiny anisotropic 3D dataset in nnU-Net's raw format under ``raw_root``; returns its folder."""
+    import SimpleITK as sitk
+    from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    folder = raw_root / DATASET3D_NAME
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        maybe_mkdir_p(str(folder / sub))
+    rng = np.random.default_rng(seed)
+
+    def write(arr: np.ndarray, path: Path) -> None:
+        image = sitk.GetImageFromArray(arr)
+        image.SetSpacing(VOLUME_SPACING)
+        sitk.WriteImage(image, str(path))
+
+    for i in range(NUM_TRAIN_3D):
+        img, seg = _draw_volume(rng)
+        write(img, folder / "imagesTr" / f"vol_{i:03d}_0000.nii.gz")
+        write(seg, folder / "labelsTr" / f"vol_{i:03d}.nii.gz")
+    for i in range(NUM_TEST_3D):
+        write(_draw_volume(rng)[0], folder / "imagesTs" / f"test_{i:03d}_0000.nii.gz")
+    generate_dataset_json(str(folder), {0: "CT"}, LABELS_3D, NUM_TRAIN_3D, ".nii.gz", dataset_name=DATASET3D_NAME)
+    return folder
+
+
+def prepared_dataset_3d(base: Path) -> Path:
+    """Raw + planned + preprocessed (3d_fullres) tiny 3D dataset under ``base/nnunet3d``; returns the root."""
+    root = base / "nnunet3d"
+    if not (root / "preprocessed" / DATASET3D_NAME / "nnUNetPlans_3d_fullres").is_dir():
+        if root.exists():
+            shutil.rmtree(root)
+        make_raw_dataset_3d(root / "raw")
+        run_tool("nnUNetv2_plan_and_preprocess",
+                 ["-d", DATASET3D_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"],
+                 nnunet_env(root))
+    return root

@@ -1,5 +1,8 @@
 """FIASTrainer: nnU-Net's trainer with the FIAS network, AdamW with warm-up and poly decay, and CAF monitoring.
 
+The configuration picks the network: ``2d`` trains the 2D FIAS, the 3D configurations (``3d_fullres``,
+``3d_lowres``, ``3d_cascade_fullres``: any configuration with a 3D patch) train FIAS-3D with the same variants.
+
 Everything that changes a training is a class attribute or an attribute set in ``__init__`` (nnU-Net stores only
 the trainer's class name in checkpoints, so a variant's name is its configuration, see ``variants.py``).
 
@@ -105,13 +108,28 @@ def fias_adamw(parameters, device_type: str, lr: float = 3e-4, weight_decay: flo
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device_type in ("cuda", "cpu"))
 
 
-def _require_2d(patch_size: Sequence[int], configuration: str, trainer_name: str) -> None:
-    if len(patch_size) != 2:
+def _require_2d_or_3d(patch_size: Sequence[int], configuration: str, trainer_name: str) -> None:
+    if len(patch_size) not in (2, 3):
         raise ValueError(
-            f"{trainer_name} trains the 2D FIAS network, but configuration '{configuration}' has a "
-            f"{len(patch_size)}D patch size {list(patch_size)}. Use -c 2d: plan with nnUNetv2_plan_and_preprocess "
-            f"-d DATASET -c 2d, train with nnUNetv2_train DATASET 2d FOLD -tr {trainer_name}. A 3D FIAS does not "
-            f"exist yet.")
+            f"{trainer_name} trains FIAS on 2D or 3D patches, but configuration '{configuration}' has a "
+            f"{len(patch_size)}D patch size {list(patch_size)}. Use -c 2d or -c 3d_fullres.")
+
+
+# Above this many voxels per patch, the batch-size fitting measures both networks at a smaller patch of the same
+# aspect (activations grow in proportion to the voxels, so the ratio carries over): a 128^3 U-Net keeps several GB
+# of activations per sample, too much to measure on the CPU at every training start.
+MAX_MEASURED_VOXELS = 2_000_000
+
+
+def measurement_patch(patch: Sequence[int], divisors: Sequence[int], max_voxels: int = MAX_MEASURED_VOXELS
+                      ) -> list[int]:
+    """``patch``, or where it has more than ``max_voxels`` voxels, a patch about ``max_voxels / 2`` large with the
+    same aspect whose axes stay multiples of ``divisors`` (so neither network pads)."""
+    patch = [int(p) for p in patch]
+    if math.prod(patch) <= max_voxels:
+        return patch
+    factor = (max_voxels / 2 / math.prod(patch)) ** (1 / len(patch))
+    return [max(int(d), round(p * factor / d) * int(d)) for p, d in zip(patch, divisors)]
 
 
 class _AutocastOff(nn.Module):
@@ -127,13 +145,14 @@ class _AutocastOff(nn.Module):
 
 
 class FIASTrainer(nnUNetTrainer):
-    """nnU-Net trainer for the 2D FIAS network (``-tr FIASTrainer -c 2d``).
+    """nnU-Net trainer for FIAS: the 2D network for ``2d``, FIAS-3D for the 3D configurations
+    (``nnUNetv2_train DATASET 2d|3d_fullres FOLD -tr FIASTrainer``).
 
     Class attributes (set by variants; read at inference too, where nnU-Net calls
     :meth:`build_network_architecture` on the class):
 
     * ``fias_preset``: network size, ``"T"``, ``"S"`` or ``"B"``.
-    * ``fias_overrides``: keyword arguments passed on to ``FIAS`` (e.g. ``{"caf_variant": "sigmoid"}``).
+    * ``fias_overrides``: keyword arguments passed on to ``FIAS`` / ``FIAS3d`` (e.g. ``{"caf_variant": "sigmoid"}``).
 
     Training attributes set in ``__init__`` (override them in a subclass ``__init__``): ``initial_lr``,
     ``weight_decay``, ``betas``, ``warmup_fraction``, ``grad_clip_norm``, ``use_amp`` and nnU-Net's own
@@ -147,7 +166,7 @@ class FIASTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # Checked before nnU-Net creates the output folder, so a wrong -c leaves nothing behind.
-        _require_2d(PlansManager(plans).get_configuration(configuration).patch_size, configuration,
+        _require_2d_or_3d(PlansManager(plans).get_configuration(configuration).patch_size, configuration,
                     self.__class__.__name__)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 3e-4
@@ -166,19 +185,26 @@ class FIASTrainer(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """Builds FIAS from the class attributes and the plan's per-axis strides (see ``fias_strides_from_plan``);
+        """Builds FIAS (2D patch) or FIAS-3D (3D patch) from the class attributes and the plan's per-axis strides
+        (see ``fias_strides_from_plan``; in 3D also the plan's kernel sizes, see ``fias_stage_kernels_from_plan``);
         nnU-Net calls this on the instance (training) and on the class (inference, with deep supervision off,
         followed by a strict ``load_state_dict``)."""
-        from nnunetv2_fias.architectures import FIAS, fias_strides_from_plan
+        from nnunetv2_fias.architectures import FIAS, FIAS3d, fias_stage_kernels_from_plan, fias_strides_from_plan
 
         patch = configuration_manager.patch_size
-        _require_2d(patch, configuration_manager.data_identifier, cls.__name__)
+        _require_2d_or_3d(patch, configuration_manager.data_identifier, cls.__name__)
         kwargs = dict(cls.fias_overrides)
-        plan_strides = configuration_manager.network_arch_init_kwargs.get("strides")
+        arch = configuration_manager.network_arch_init_kwargs
+        plan_strides = arch.get("strides")
         if "strides" not in kwargs and plan_strides is not None:
             kwargs["strides"] = fias_strides_from_plan(plan_strides, patch)
-        return FIAS(num_input_channels, num_output_channels, preset=cls.fias_preset,
-                    deep_supervision=enable_deep_supervision, **kwargs)
+        network = FIAS
+        if len(patch) == 3:
+            network = FIAS3d
+            if "stage_kernel_sizes" not in kwargs and arch.get("kernel_sizes") is not None:
+                kwargs["stage_kernel_sizes"] = fias_stage_kernels_from_plan(arch["kernel_sizes"], plan_strides)
+        return network(num_input_channels, num_output_channels, preset=cls.fias_preset,
+                       deep_supervision=enable_deep_supervision, **kwargs)
 
     def _fias(self) -> nn.Module:
         """The bare FIAS module behind DDP and torch.compile wrappers."""
@@ -217,7 +243,9 @@ class FIASTrainer(nnUNetTrainer):
         """The planned batch, or a smaller one where FIAS keeps more activations per sample than the plans' network.
 
         Both networks are measured at the plans' patch size, batch 1, float32, on the CPU (tensors saved for
-        backward by one training forward pass: what grows with the batch).
+        backward by one training forward pass: what grows with the batch). Patches of more than
+        ``MAX_MEASURED_VOXELS`` voxels (large 3D patches) are measured at a smaller patch of the same aspect
+        (:func:`measurement_patch`) and the figures scaled by the voxel ratio.
         """
         from nnunetv2_fias.benchmark.memory import saved_activation_mb
 
@@ -225,21 +253,29 @@ class FIASTrainer(nnUNetTrainer):
         channels = self._num_input_channels()
         classes = self.label_manager.num_segmentation_heads
         plans_name = self.configuration_manager.network_arch_class_name.rsplit(".", 1)[-1]
-        x = torch.zeros(1, channels, *patch)
         own = self.build_network_architecture(self.plans_manager, self.configuration_manager, channels, classes, True)
-        fias_mb = saved_activation_mb(own.train(), x)
+        plan_strides = self.configuration_manager.network_arch_init_kwargs.get("strides") or [[1] * len(patch)]
+        divisors = [math.lcm(int(f), int(np.prod([s[a] if isinstance(s, (list, tuple)) else s
+                                                   for s in plan_strides])))
+                    for a, f in enumerate(own.size_divisor)]
+        measured = measurement_patch(patch, divisors)
+        scale = math.prod(patch) / math.prod(measured)
+        x = torch.zeros(1, channels, *measured)
+        fias_mb = saved_activation_mb(own.train(), x) * scale
         del own
         try:
             theirs = nnUNetTrainer.build_network_architecture(self.plans_manager, self.configuration_manager,
                                                               channels, classes, True)
-            plans_mb = saved_activation_mb(theirs.train(), x)
+            plans_mb = saved_activation_mb(theirs.train(), x) * scale
             del theirs
         except Exception as e:  # e.g. hand-edited plans whose patch no longer fits the planned network's strides
             return planned, (f"FIAS replaces the plans' network ({plans_name}); the plans' network could not be "
                              f"measured at patch {patch} ({type(e).__name__}: {e}). Batch size {planned} as planned.")
+        where = "" if measured == patch else (f" (measured at {'x'.join(map(str, measured))} and scaled by the voxel "
+                                              f"ratio, to keep the measurement light)")
         head = (f"FIAS replaces the plans' network ({plans_name}) and takes only the patch size, batch size and "
-                f"preprocessing from the plans. Training activations per {'x'.join(map(str, patch))} sample: FIAS "
-                f"{fias_mb:.1f} MB, {plans_name} {plans_mb:.1f} MB ({fias_mb / plans_mb:.2f}x).")
+                f"preprocessing from the plans. Training activations per {'x'.join(map(str, patch))} sample{where}: "
+                f"FIAS {fias_mb:.1f} MB, {plans_name} {plans_mb:.1f} MB ({fias_mb / plans_mb:.2f}x).")
         if fias_mb <= plans_mb:
             return planned, f"{head} Batch size {planned} as planned."
         minimum = dist.get_world_size() if self.is_ddp else 1

@@ -5,9 +5,10 @@ A spec is a JSON-able dict (it is passed to worker processes on the command line
 ``seed`` and, for FIAS and nnU-Net, the nnU-Net ``arch`` dict of the configuration.
 
 FIAS is built exactly as FIASTrainer builds it (``build_network_architecture`` on the trainer class of the preset,
-with a plans dict whose ``2d`` configuration has the benchmark's patch, batch and architecture), so that whatever
-the trainer reads from the configuration is read here too. nnU-Net's U-Net is ``get_network_from_plans`` with the
-architecture of the plans (``--plans``) or the one nnU-Net's default 2D planner derives for the patch.
+with a plans dict whose ``2d`` (or, for a 3D patch, ``3d_fullres``) configuration has the benchmark's patch, batch and
+architecture), so that whatever the trainer reads from the configuration is read here too. nnU-Net's U-Net is
+``get_network_from_plans`` with the architecture of the plans (``--plans``) or the one nnU-Net's default planner
+derives for the patch (2D or 3D).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class BenchmarkError(Exception):
 
 
 def default_nnunet_architecture(patch: Sequence[int], strict: bool = True) -> dict:
-    """nnU-Net's default 2D ``PlainConvUNet`` architecture for ``patch``, as ``ExperimentPlanner`` plans it.
+    """nnU-Net's default ``PlainConvUNet`` architecture for a 2D or 3D ``patch``, as ``ExperimentPlanner`` plans it
+    (2D: up to 512 features per stage; 3D: up to 320 and a 4x4x4 coarsest map).
 
     Spacing is isotropic, so the topology only depends on the patch size. With ``strict``, raises ``BenchmarkError``
     when nnU-Net would have to pad the patch (its U-Net needs every axis divisible by ``2**pools``); otherwise
@@ -37,10 +39,11 @@ def default_nnunet_architecture(patch: Sequence[int], strict: bool = True) -> di
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
     patch = [int(p) for p in patch]
-    _, pools, kernels, padded, divisor = get_pool_and_conv_props([1.0] * len(patch), patch, 4, 999999)
+    dim = len(patch)
+    _, pools, kernels, padded, divisor = get_pool_and_conv_props([1.0] * dim, patch, 4, 999999)
     if strict and [int(p) for p in padded] != patch:
         raise BenchmarkError(
-            f"--patch {' '.join(map(str, patch))}: nnU-Net's default 2D U-Net needs each axis divisible by "
+            f"--patch {' '.join(map(str, patch))}: nnU-Net's default {dim}D U-Net needs each axis divisible by "
             f"{' x '.join(str(int(d)) for d in divisor)} for this patch; nnU-Net would use "
             f"{' '.join(str(int(p)) for p in padded)} (pass that, or a --plans file)")
     n = len(pools)
@@ -48,14 +51,14 @@ def default_nnunet_architecture(patch: Sequence[int], strict: bool = True) -> di
         "network_class_name": NNUNET_ARCH_CLASS,
         "arch_kwargs": {
             "n_stages": n,
-            "features_per_stage": [min(32 * 2 ** i, 512) for i in range(n)],
-            "conv_op": "torch.nn.modules.conv.Conv2d",
+            "features_per_stage": [min(32 * 2 ** i, 512 if dim == 2 else 320) for i in range(n)],
+            "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
             "kernel_sizes": [list(k) for k in kernels],
             "strides": [list(s) for s in pools],
             "n_conv_per_stage": [2] * n,
             "n_conv_per_stage_decoder": [2] * (n - 1),
             "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
             "norm_op_kwargs": {"eps": 1e-5, "affine": True},
             "dropout_op": None,
             "dropout_op_kwargs": None,
@@ -87,7 +90,9 @@ def model_specs(config, patch: Sequence[int], arch: dict | None) -> tuple[list[t
             models.append((BASELINE_NAME, dict(common, kind="nnunet", arch=arch)))
         elif baseline == "swinunetr":
             reason = None
-            if not monai_available():
+            if len(patch) != 2:
+                reason = f"SwinUNETR-2D is a 2D baseline, the patch {list(patch)} is 3D"
+            elif not monai_available():
                 reason = "MONAI is not installed (pip install monai)"
             elif any(p % 32 for p in patch):
                 reason = f"SwinUNETR needs a patch divisible by 32, got {list(patch)}"
@@ -98,13 +103,20 @@ def model_specs(config, patch: Sequence[int], arch: dict | None) -> tuple[list[t
     return models, skipped
 
 
+def fias_configuration(spec: dict) -> str:
+    """``2d`` for a 2D patch, ``3d_fullres`` for a 3D one."""
+    return "2d" if len(spec["patch"]) == 2 else "3d_fullres"
+
+
 def fias_plans(spec: dict) -> dict:
-    """The minimal nnU-Net plans a FIAS trainer would be given for this spec: one ``2d`` configuration."""
+    """The minimal nnU-Net plans a FIAS trainer would be given for this spec: one ``2d`` or ``3d_fullres``
+    configuration."""
+    configuration = fias_configuration(spec)
     return {
         "dataset_name": "Dataset000_Benchmark",
         "plans_name": "nnUNetPlans",
-        "configurations": {"2d": {
-            "data_identifier": "nnUNetPlans_2d",
+        "configurations": {configuration: {
+            "data_identifier": f"nnUNetPlans_{configuration}",
             "patch_size": list(spec["patch"]),
             "batch_size": int(spec["batch"]),
             "architecture": spec["arch"],
@@ -120,8 +132,9 @@ def build_fias(spec: dict):
 
     trainer = getattr(trainers, FIAS_TRAINERS[spec["preset"]])
     plans = PlansManager(fias_plans(spec))
-    return trainer.build_network_architecture(plans, plans.get_configuration("2d"), spec["channels"],
-                                              spec["classes"], enable_deep_supervision=True)
+    configuration = plans.get_configuration(fias_configuration(spec))
+    return trainer.build_network_architecture(plans, configuration, spec["channels"], spec["classes"],
+                                              enable_deep_supervision=True)
 
 
 def build_model(spec: dict):

@@ -1,0 +1,191 @@
+"""FIAS-3D: shapes on anisotropic volumes, gradients, nnU-Net's 3D deep-supervision targets, strides and kernels from
+3D plans, batch 1 at a 1x1x1 stage, checkpointing, and FIASTrainer's dispatch on the configuration."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+from nnunetv2_fias.architectures import FIAS, FIAS3d, fias_stage_kernels_from_plan, fias_strides_from_plan
+from nnunetv2_fias.architectures.blocks import BatchNorm3d, GlobalSelfAttention3d, MonteCarloAttention
+from nnunetv2_fias.trainers import FIASTrainer
+from nnunetv2_fias.trainers.fias_trainer import measurement_patch
+
+TINY = dict(widths=(12, 24, 48, 96), global_depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), local_depths=(1, 1, 1, 1))
+ANISO = ((1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 2, 2))
+# Total stride 2 x 8 x 16: small volumes reach a 1x1x1 stage (and keep the tests fast on the CPU).
+SMALL = ((1, 2, 2), (2, 2, 2), (1, 2, 2), (1, 1, 2), (1, 1, 1))
+
+
+class TinyFIASTrainer(FIASTrainer):
+    fias_overrides = TINY
+
+
+def tiny(**kwargs):
+    return FIAS3d(1, 3, deep_supervision=True, **{**TINY, **kwargs})
+
+
+def _step(net, x, seed=1):
+    torch.manual_seed(seed)  # same drop-path and Monte Carlo draws
+    net.zero_grad(set_to_none=True)
+    outs = net(x)
+    sum(o.square().mean() for o in outs).backward()
+    return [o.detach() for o in outs]
+
+
+@pytest.mark.parametrize("patch,strides", [((4, 32, 64), ANISO), ((6, 16, 32), SMALL), ((5, 12, 20), SMALL),
+                                           ((3, 8, 16), SMALL)])
+def test_shapes_on_anisotropic_patches_with_and_without_deep_supervision(patch, strides):
+    net = tiny(strides=strides).eval()
+    expected = net.output_sizes(patch)
+    with torch.no_grad():
+        outs = net(torch.randn(2, 1, *patch))
+        assert [tuple(o.shape) for o in outs] == [(2, 3, *s) for s in expected]
+        assert expected[0] == patch
+        net.decoder.deep_supervision = False
+        main = net(torch.randn(2, 1, *patch))
+    assert main.shape == (2, 3, *patch)
+
+
+def test_every_parameter_gets_a_gradient_with_and_without_deep_supervision():
+    for ds in (True, False):
+        net = tiny(strides=SMALL, caf_variant="concat", stage_kernel_sizes=((1, 3, 3),) + ((3, 3, 3),) * 3).train()
+        net.decoder.deep_supervision = ds
+        outs = net(torch.randn(2, 1, 4, 16, 32))
+        sum(o.mean() for o in (outs if ds else [outs])).backward()
+        missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        assert not missing, (ds, missing)
+
+
+def test_deep_supervision_scales_match_nnunets_3d_targets_exactly():
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+
+    for patch, strides in (((24, 32, 32), fias_strides_from_plan([[1, 1, 1], [1, 2, 2], [2, 2, 2]], (24, 32, 32))),
+                           ((64, 160, 224), fias_strides_from_plan(
+                               [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], (64, 160, 224)))):
+        net = tiny(strides=strides)
+        scales = net.get_deep_supervision_scales(patch)
+        seg = torch.zeros(1, *patch, dtype=torch.int16)
+        targets = DownsampleSegForDSTransform(ds_scales=scales)(image=torch.zeros(1, *patch), segmentation=seg)
+        assert [tuple(t.shape[1:]) for t in targets["segmentation"]] == net.output_sizes(patch)
+        assert all(p % d == 0 for p, d in zip(patch, net.size_divisor))  # nothing padded on planned patches
+
+
+def test_strides_and_dmk_kernels_from_a_3d_plan():
+    plan = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+    assert fias_strides_from_plan(plan, (40, 160, 160)) == ((1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2), (2, 2, 2))
+    # Completed with 2 where the remaining size is even.
+    assert fias_strides_from_plan([[1, 1, 1], [1, 2, 2]], (24, 32, 32)) == (
+        (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2))
+    kernels = [[1, 3, 3], [1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]]
+    assert fias_stage_kernels_from_plan(kernels, plan) == ((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3))
+    net = tiny(stage_kernel_sizes=fias_stage_kernels_from_plan(kernels, plan))
+    dw = [tuple(c[0].kernel_size) for c in net.encoder.local_branch.stages[0][0].dwconvs]
+    assert dw == [(1, 3, 3), (1, 5, 5), (1, 7, 7)]
+    assert tuple(net.encoder.local_branch.stages[1][0].dwconvs[2][0].kernel_size) == (7, 7, 7)
+    with pytest.raises(ValueError, match="strides"):
+        FIAS3d(1, 2, strides=((2, 2),) * 5)
+    with pytest.raises(ValueError, match="stage_kernel_sizes"):
+        FIAS3d(1, 2, stage_kernel_sizes=((3, 3, 3),) * 3)
+
+
+def test_3d_blocks_are_the_3d_operations():
+    net = tiny()
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    assert convs and all(isinstance(m, nn.Conv3d) for m in convs)
+    assert all(isinstance(m, BatchNorm3d) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert isinstance(net.encoder.global_branch.stages[2][0].attn, GlobalSelfAttention3d)
+    assert net.decoder.stages[0].mc_attn.ndim == 3
+
+
+def test_monte_carlo_attention_over_3d_positions():
+    mc = MonteCarloAttention(8, (1, 2), ndim=3)
+    x = torch.randn(2, 8, 4, 6, 6)
+    mc.eval()
+    torch.testing.assert_close(mc.descriptor(x), x.mean((2, 3, 4)))
+    mc.train()
+    assert mc(x).shape == x.shape
+
+
+@pytest.mark.parametrize("size", [(2, 8, 16), (1, 1, 1), (4, 16, 16)])
+def test_batch_one_trains_when_a_stage_is_1x1x1(size):
+    net = tiny(strides=SMALL).train()
+    outs = net(torch.randn(1, 1, *size))
+    sum(o.mean() for o in outs).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_checkpointing_changes_nothing_but_memory_in_3d():
+    torch.manual_seed(0)
+    plain = tiny(checkpoint_stages=(), drop_path_rate=0.2, strides=SMALL)
+    ckpt = tiny(checkpoint_stages=(0, 1, 2, 3), drop_path_rate=0.2, strides=SMALL)
+    ckpt.load_state_dict(plain.state_dict())
+    plain.train(), ckpt.train()
+    x = torch.randn(2, 1, 4, 16, 32)
+    for _ in range(2):
+        for a, b in zip(_step(plain, x), _step(ckpt, x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert int(ckpt.encoder.local_branch.stages[0][0].expand[1].num_batches_tracked) == 2
+
+
+def test_bad_input_raises():
+    net = tiny()
+    with pytest.raises(ValueError, match=r"3D network.*2D patch"):
+        net(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="expected 1 input channels, got 2"):
+        net(torch.randn(1, 2, 2, 8, 16))
+
+
+def _plans(patch, strides, kernels) -> dict:
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": len(strides), "features_per_stage": [8 * 2 ** i for i in range(len(strides))],
+                            "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": kernels, "strides": strides,
+                            "n_conv_per_stage": [2] * len(strides),
+                            "n_conv_per_stage_decoder": [2] * (len(strides) - 1),
+                            "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    config = {"data_identifier": "x", "patch_size": list(patch), "batch_size": 2, "architecture": arch}
+    return {"dataset_name": "Dataset000_X", "plans_name": "nnUNetPlans",
+            "configurations": {"3d_fullres": copy.deepcopy(config), "3d_lowres": copy.deepcopy(config),
+                               "3d_cascade_fullres": copy.deepcopy(config),
+                               "4d": dict(copy.deepcopy(config), patch_size=[2, 8, 16, 16])}}
+
+
+def test_trainer_dispatches_3d_configurations_to_fias3d():
+    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+    kernels = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]]
+    pm = PlansManager(_plans((16, 64, 64), strides, kernels))
+    for configuration in ("3d_fullres", "3d_lowres", "3d_cascade_fullres"):
+        net = TinyFIASTrainer.build_network_architecture(pm, pm.get_configuration(configuration), 2, 4, True)
+        assert type(net) is FIAS3d and net.input_channels == 2
+        assert net.strides == ((1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+        assert net.stage_kernel_sizes[0] == (3, 3, 3)
+    # Inference builds on the class without deep supervision and loads the training checkpoint strictly.
+    infer = TinyFIASTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 2, 4, False)
+    infer.load_state_dict(net.state_dict(), strict=True)
+    assert not infer.decoder.deep_supervision
+    with pytest.raises(ValueError, match=r"4D patch size.*-c 2d or -c 3d_fullres"):
+        TinyFIASTrainer.build_network_architecture(pm, pm.get_configuration("4d"), 1, 2, True)
+
+
+def test_2d_network_unchanged_by_the_3d_options():
+    net = FIAS(1, 3, **TINY)
+    assert all(isinstance(m, nn.Conv2d) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+
+
+def test_measurement_patch_for_large_3d_patches():
+    assert measurement_patch([64, 64, 64], [32, 32, 32]) == [64, 64, 64]
+    small = measurement_patch([128, 128, 128], [32, 32, 32])
+    assert small == [96, 96, 96] and all(s % 32 == 0 for s in small)
+    small = measurement_patch([64, 160, 224], [16, 32, 32])
+    assert all(s % d == 0 for s, d in zip(small, [16, 32, 32])) and small[0] * small[1] * small[2] <= 2_000_000

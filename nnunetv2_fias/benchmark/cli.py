@@ -60,19 +60,30 @@ class PlansInput:
     classes: int | None = None
 
 
+class _PatchAction(argparse.Action):
+    """``--patch H W`` or ``--patch D H W``, repeatable; another count is a usage error (exit 2)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) not in (2, 3):
+            parser.error(f"{option_string} takes 2 (H W) or 3 (D H W) sizes, got {len(values)}: "
+                         f"{' '.join(map(str, values))}")
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + [list(values)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_fias benchmark",
         description="Parameters, FLOPs, activation memory, training-step time, inference time and peak memory of "
-                    "FIAS next to nnU-Net's own 2D U-Net (and MONAI's SwinUNETR-2D when installed), at the same "
-                    "input. Each model runs in its own process; steps are interleaved so that ratios survive a busy "
+                    "FIAS next to nnU-Net's own U-Net (and MONAI's SwinUNETR-2D when installed), at the same "
+                    "2D or 3D input. Each model runs in its own process; steps are interleaved so that ratios survive a busy "
                     "machine.")
     src = parser.add_argument_group("input (default: --patch 128 128, batch 2, 1 channel, 9 classes)")
     src.add_argument("--plans", type=Path, help="nnU-Net plans file (nnUNetPlans.json): patch size, batch size "
                      "and the exact U-Net of its configuration; channels/classes from a dataset.json beside it")
     src.add_argument("-c", "--configuration", default="2d", help="configuration in --plans (default: 2d)")
-    src.add_argument("--patch", nargs=2, type=int, action="append", metavar=("H", "W"),
-                     help="patch size (without --plans); repeatable with --skip-timing")
+    src.add_argument("--patch", nargs="+", type=int, action=_PatchAction, metavar="SIZE",
+                     help="patch size, H W (FIAS) or D H W (FIAS-3D), without --plans; repeatable with "
+                          "--skip-timing")
     src.add_argument("--batch", type=int, help="batch size (default: the plans' batch size, else 2)")
     src.add_argument("--channels", type=int, help="input channels (default: dataset.json beside --plans, else 1)")
     src.add_argument("--classes", type=int, help="output classes incl. background (default: dataset.json beside "
@@ -189,9 +200,13 @@ def load_plans(path: Path, configuration: str, need_dataset: bool = True) -> Pla
         batch = int(cm.batch_size)
     except (KeyError, TypeError, ValueError) as e:
         raise BenchmarkError(f"--plans {path}: configuration {configuration!r} is incomplete ({e!r})") from None
-    if len(patch) != 2:
+    if len(patch) not in (2, 3):
         raise BenchmarkError(f"--plans {path}: configuration {configuration!r} has a {len(patch)}D patch "
-                             f"{list(patch)}; FIAS is 2D (use -c 2d)")
+                             f"{list(patch)}; FIAS takes 2D or 3D patches")
+    strides = arch["arch_kwargs"].get("strides") or []
+    if any(isinstance(st, (list, tuple)) and len(st) != len(patch) for st in strides):
+        raise BenchmarkError(f"--plans {path}: configuration {configuration!r} has a {len(patch)}D patch "
+                             f"{list(patch)} but its U-Net's strides {strides} are not {len(patch)}D")
     dataset_json = path.parent / "dataset.json"
     channels = classes = None
     if need_dataset and dataset_json.is_file():
@@ -205,7 +220,7 @@ def _patches(args) -> tuple[tuple[int, ...], ...]:
     patches = tuple(tuple(p) for p in (args.patch or [DEFAULT_PATCH]))
     for patch in patches:
         if min(patch) < 1:
-            raise BenchmarkError(f"--patch {patch[0]} {patch[1]}: sizes must be >= 1")
+            raise BenchmarkError(f"--patch {' '.join(map(str, patch))}: sizes must be >= 1")
     return patches
 
 
@@ -245,7 +260,7 @@ def _run(config: BenchmarkConfig, log) -> tuple[dict, str]:
         report = run_sizes(config, log)
         return report, format_sizes(report)
     report = run_timed(config, log)
-    header = (f"{report['device']}, patch {report['patch'][0]}x{report['patch'][1]}, batch {report['batch']}, "
+    header = (f"{report['device']}, patch {'x'.join(map(str, report['patch']))}, batch {report['batch']}, "
               f"{report['threads']} threads, amp {report['amp'] or 'off'}, torch {report['torch']}, median of "
               f"{report['repeats']}")
     return report, f"{header}\n\n{format_report(report)}"

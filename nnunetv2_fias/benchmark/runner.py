@@ -123,7 +123,7 @@ def run_sizes(config, log=print) -> dict:
         models, skip = model_specs(config, patch, config.architecture(patch))
         skipped += [dict(s, patch=list(patch)) for s in skip]
         for name, spec in models:
-            log(f"counting {name} at {patch[0]}x{patch[1]} ...")
+            log(f"counting {name} at {'x'.join(map(str, patch))} ...")
             torch.manual_seed(config.seed)
             model = build_model(spec).to(config.device)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -187,7 +187,7 @@ def format_sizes(report: dict) -> str:
     lines = [f"| model | patch | params (M) | GFLOPs | x params | x GFLOPs | act MB (batch {report['activation_batch']}) "
              "| x act MB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        lines.append(f"| {r['model']} | {r['patch'][0]}x{r['patch'][1]} | {r['params'] / 1e6:.2f} | "
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['patch']))} | {r['params'] / 1e6:.2f} | "
                      f"{r['gflops']:.2f} | {_cell(r['ratio_params'], '.2f')} | {_cell(r['ratio_gflops'], '.2f')} | "
                      f"{r['activation_mb']:.1f} | {_cell(r['ratio_activation'], '.2f')} |")
     return "\n".join(lines)

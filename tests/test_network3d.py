@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -189,3 +190,19 @@ def test_measurement_patch_for_large_3d_patches():
     assert small == [96, 96, 96] and all(s % 32 == 0 for s in small)
     small = measurement_patch([64, 160, 224], [16, 32, 32])
     assert all(s % d == 0 for s, d in zip(small, [16, 32, 32])) and small[0] * small[1] * small[2] <= 2_000_000
+
+
+def test_benchmark_accepts_3d_patches(tmp_path, monkeypatch):
+    from nnunetv2_fias import benchmark
+
+    monkeypatch.setenv("nnUNet_compile", "f")
+    out = tmp_path / "sizes.json"
+    assert benchmark.main(["--skip-timing", "--patch", "16", "32", "32", "--batch", "1", "--device", "cpu",
+                           "--json", str(out)]) == 0
+    results = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"FIAS-T", "nnU-Net"}
+    assert results["FIAS-T"]["patch"] == [16, 32, 32] and results["FIAS-T"]["activation_mb"] > 0
+    assert results["FIAS-T"]["ratio_activation"] == pytest.approx(
+        results["FIAS-T"]["activation_mb"] / results["nnU-Net"]["activation_mb"])
+    arch = benchmark.default_nnunet_architecture([128, 128, 128])["arch_kwargs"]
+    assert arch["conv_op"].endswith("Conv3d") and arch["features_per_stage"] == [32, 64, 128, 256, 320, 320]

@@ -14,7 +14,9 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_env import (DATASET3D_ID, DATASET3D_NAME, LABELS_3D, NUM_TEST_3D, PACKAGE_SHIM_DIR, VOLUME_SHAPE,
-                        nnunet_env, prepared_dataset_3d, run_tool, write_test_shim)
+                        nnunet_env, prepared_dataset_3d, run_tool, tiny_fias_overrides, write_test_shim)
+from nnunetv2_fias.architectures import FIAS3d
+from nnunetv2_fias.trainers import FIASTrainer
 
 FIAS_TR = "FIASTrainer_e2eTiny"
 
@@ -46,10 +48,33 @@ def test_train_3d_fullres_and_predict(tmp_path_factory):
     assert len(caf["stage_strides"][0]) == 3
 
     out = root.parent / "pred3d"
+    # -npp 0 -nps 0: nnU-Net predicts sequentially in this process (no worker pools to start for two volumes).
     run_tool("nnUNetv2_predict", ["-i", root / "raw" / DATASET3D_NAME / "imagesTs", "-o", out, "-d", DATASET3D_ID,
-                                  "-c", "3d_fullres", "-f", 0, "-tr", FIAS_TR, "-device", "cpu", "-npp", 1, "-nps", 1],
+                                  "-c", "3d_fullres", "-f", 0, "-tr", FIAS_TR, "-device", "cpu", "-npp", 0, "-nps", 0],
              env)
     for i in range(NUM_TEST_3D):
         seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"test_{i:03d}.nii.gz")))
         assert seg.shape == VOLUME_SHAPE
         assert set(np.unique(seg)) <= set(LABELS_3D.values())
+
+
+class _Tiny3dTrainer(FIASTrainer):
+    fias_overrides = tiny_fias_overrides()
+
+
+def test_batch_fitting_measures_large_patches_at_a_smaller_patch(tmp_path_factory, monkeypatch):
+    import nnunetv2_fias.trainers.fias_trainer as fias_trainer
+
+    root = prepared_dataset_3d(tmp_path_factory.getbasetemp())
+    for name, folder in (("nnUNet_raw", root / "raw"), ("nnUNet_preprocessed", root / "preprocessed"),
+                         ("nnUNet_results", tmp_path_factory.mktemp("fit3d"))):
+        monkeypatch.setenv(name, str(folder))
+    pre = root / "preprocessed" / DATASET3D_NAME
+    plans = dict(json.loads((pre / "nnUNetPlans.json").read_text()), continue_training=False)
+    trainer = _Tiny3dTrainer(plans, "3d_fullres", 0, json.loads((pre / "dataset.json").read_text()),
+                             torch.device("cpu"))
+    monkeypatch.setattr(fias_trainer, "MAX_MEASURED_VOXELS", 4000)  # the 24x32x32 patch counts as large here
+    batch, reason = trainer._memory_fitted_batch_size(2)
+    assert batch == 2 and "measured at " in reason and "scaled by the voxel ratio" in reason
+    net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, True)
+    assert isinstance(net, FIAS3d)

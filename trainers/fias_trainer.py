@@ -258,7 +258,7 @@ class FIASTrainer(nnUNetTrainer):
         divisors = [math.lcm(int(f), int(np.prod([s[a] if isinstance(s, (list, tuple)) else s
                                                    for s in plan_strides])))
                     for a, f in enumerate(own.size_divisor)]
-        measured = measurement_patch(patch, divisors)
+        measured = measurement_patch(patch, divisors, MAX_MEASURED_VOXELS)
         scale = math.prod(patch) / math.prod(measured)
         x = torch.zeros(1, channels, *measured)
         fias_mb = saved_activation_mb(own.train(), x) * scale

@@ -136,6 +136,18 @@ def test_checkpointing_changes_nothing_but_memory_in_3d():
     assert int(ckpt.encoder.local_branch.stages[0][0].expand[1].num_batches_tracked) == 2
 
 
+def test_fullgraph_compile_has_no_graph_breaks_in_3d():
+    # nnU-Net compiles the network on CUDA by default. One MSDA stage: tracing its offsets is most of the time.
+    torch.manual_seed(0)
+    net = tiny(strides=SMALL, msda_stages=(0,)).train()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 1, 4, 16, 32)
+    sum(o.mean() for o in compiled(x)).backward()
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[0], net(x)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_bad_input_raises():
     net = tiny()
     with pytest.raises(ValueError, match=r"3D network.*2D patch"):

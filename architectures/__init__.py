@@ -8,9 +8,10 @@ from .attention import dilated_neighborhood_attention
 from .attention3d import (MultiScaleDilatedAttention3d, dilated_neighborhood_attention_3d,
                           dilated_neighborhood_attention_3d_channels_first)
 from .blocks import CAF_VARIANTS, ContextAwareFusion, MixAttBlock, MonteCarloAttention
-from .fias import (FIAS, FIAS_PRESETS, CheckpointMismatchError, DualPathEncoder, MixAttDecoder,
-                   fias_strides_from_plan)
+from .compat import CheckpointMismatchError
+from .fias import FIAS, FIAS_PRESETS, DualPathEncoder, MixAttDecoder
 from .fias3d import FIAS3d, fias_stage_kernels_from_plan
+from .plans import fias_strides_from_plan
 from .pretrained import LoadReport, load_dilateformer_weights
 
 __all__ = ["FIAS", "FIAS3d", "FIAS_PRESETS", "CAF_VARIANTS", "CheckpointMismatchError", "ContextAwareFusion",

@@ -2,8 +2,9 @@
 
 The same modules as 2D FIAS (``fias.py``), built with ``conv_op=nn.Conv3d``: 3D multi-scale dilated attention at
 stages 1-2, global attention (SDPA over ``D*H*W`` tokens) at stages 3-4, 3D DMK blocks, 3D CAF, MixAtt decoder with
-Monte Carlo attention over 3D positions, and the full-resolution convolutional decoder. Per-axis strides and the DMK
-kernels' anisotropy come from nnU-Net's 3D plans (``fias_strides_from_plan``, ``fias_stage_kernels_from_plan``).
+Monte Carlo attention over 3D positions, and optionally the full-resolution convolutional decoder. Per-axis strides
+and the DMK kernels' anisotropy come from nnU-Net's 3D plans (``fias_strides_from_plan``,
+``fias_stage_kernels_from_plan``).
 
 The defaults are 2D FIAS's (FIAS-T widths, stages 1-2 checkpointed, decoder key/value pooling 4, 2, 1): with them
 FIAS-3D keeps well under half of the training activations of nnU-Net's 3D U-Net at its 3d_fullres plans
@@ -77,7 +78,7 @@ class FIAS3d(FIAS):
                  caf_variant: str = "select", caf_reduction: int = 4,
                  decoder_kv_reduction: Sequence[int] = (4, 2, 1), mc_pool_sizes: Sequence[int] = (1, 2, 3),
                  checkpoint_stages: Sequence[int] = DEFAULT_CHECKPOINT_STAGES,
-                 strides: Sequence[Sequence[int]] | None = None, full_resolution_decoder: bool = True,
+                 strides: Sequence[Sequence[int]] | None = None, full_resolution_decoder: bool = False,
                  stage_kernel_sizes: Sequence[Sequence[int]] | None = None,
                  norm_op: type[nn.Module] = BatchNorm3d, norm_kwargs: dict | None = None,
                  nonlin: type[nn.Module] = nn.GELU):

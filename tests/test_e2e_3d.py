@@ -63,7 +63,7 @@ class _Tiny3dTrainer(FIASTrainer):
 
 
 def test_batch_fitting_measures_large_patches_at_a_smaller_patch(tmp_path_factory, monkeypatch):
-    import nnunetv2_fias.trainers.fias_trainer as fias_trainer
+    import nnunetv2_fias.trainers.batch_fit as batch_fit
 
     root = prepared_dataset_3d(tmp_path_factory.getbasetemp())
     for name, folder in (("nnUNet_raw", root / "raw"), ("nnUNet_preprocessed", root / "preprocessed"),
@@ -73,8 +73,8 @@ def test_batch_fitting_measures_large_patches_at_a_smaller_patch(tmp_path_factor
     plans = dict(json.loads((pre / "nnUNetPlans.json").read_text()), continue_training=False)
     trainer = _Tiny3dTrainer(plans, "3d_fullres", 0, json.loads((pre / "dataset.json").read_text()),
                              torch.device("cpu"))
-    monkeypatch.setattr(fias_trainer, "MAX_MEASURED_VOXELS", 4000)  # the 24x32x32 patch counts as large here
-    batch, reason = trainer._memory_fitted_batch_size(2)
+    monkeypatch.setattr(batch_fit, "MAX_MEASURED_VOXELS", 4000)  # the 24x32x32 patch counts as large here
+    batch, reason = batch_fit.memory_fitted_batch_size(trainer, 2)
     assert batch == 2 and "measured at " in reason and "scaled by the voxel ratio" in reason
     net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, True)
     assert isinstance(net, FIAS3d)

@@ -13,7 +13,7 @@ from torch import nn
 from nnunetv2_fias.architectures import FIAS, FIAS3d, fias_stage_kernels_from_plan, fias_strides_from_plan
 from nnunetv2_fias.architectures.blocks import BatchNorm3d, GlobalSelfAttention3d, MonteCarloAttention
 from nnunetv2_fias.trainers import FIASTrainer
-from nnunetv2_fias.trainers.fias_trainer import measurement_patch
+from nnunetv2_fias.trainers.batch_fit import measurement_patch
 
 TINY = dict(widths=(12, 24, 48, 96), global_depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), local_depths=(1, 1, 1, 1))
 ANISO = ((1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 2, 2))
@@ -119,7 +119,10 @@ def test_batch_one_trains_when_a_stage_is_1x1x1(size):
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
-def test_checkpointing_changes_nothing_but_memory_in_3d():
+def test_checkpointing_changes_nothing_but_memory_in_3d(monkeypatch):
+    import nnunetv2_fias.architectures.checkpointing as checkpointing
+
+    monkeypatch.setattr(checkpointing, "CHECKPOINT_MIN_POSITIONS", 1)  # small test maps: checkpoint them all
     torch.manual_seed(0)
     plain = tiny(checkpoint_stages=(), drop_path_rate=0.2, strides=SMALL)
     ckpt = tiny(checkpoint_stages=(0, 1, 2, 3), drop_path_rate=0.2, strides=SMALL)

@@ -111,7 +111,8 @@ def test_main_output_resolution_and_gradients(full_resolution):
 
 
 def test_full_resolution_decoder_sees_the_stems_features():
-    net = FIAS(1, 2, **TINY).eval()
+    assert not FIAS(1, 2, **TINY).decoder.full_resolution  # the default: chosen on the demo phantoms
+    net = FIAS(1, 2, full_resolution_decoder=True, **TINY).eval()
     shapes = []
     for block in net.decoder.stem_stages:
         block.register_forward_hook(lambda m, args, out: shapes.append((tuple(args[1].shape), tuple(out.shape))))

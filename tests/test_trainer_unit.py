@@ -17,7 +17,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 import nnunetv2_fias.trainers as trainers
 from nnunetv2_fias.trainers import FIASTrainer, WarmupPolyLRScheduler
-from nnunetv2_fias.trainers.fias_trainer import CAF_JSON, CAF_PNG, _AutocastOff
+from nnunetv2_fias.trainers.caf_monitor import CAF_JSON, CAF_PNG
+from nnunetv2_fias.trainers.fias_trainer import _AutocastOff
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -119,19 +120,29 @@ def test_autocast_off_wrapper_keeps_float32_inside_autocast():
         assert _AutocastOff(lin)(x).dtype == torch.float32
 
 
-def test_rejects_non_2d_configuration_before_writing_anything(root, results, monkeypatch):
+def test_rejects_a_configuration_that_is_neither_2d_nor_3d_before_writing_anything(root, results, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(results))
+    plans, dataset_json = load_plans_and_dataset_json(root)
+    plans["configurations"]["4d"] = {"inherits_from": "2d", "patch_size": [2, 8, 64, 64],
+                                     "data_identifier": "nnUNetPlans_4d"}
+    with pytest.raises(ValueError, match=r"configuration '4d' has a 4D patch size") as err:
+        _construct(FIASTrainer, plans, dataset_json, configuration="4d")
+    assert "-c 2d or -c 3d_fullres" in str(err.value)
+    assert not (results / DATASET_NAME).exists()
+    # Inference builds on the class: the same guard applies there.
+    cm = PlansManager(plans).get_configuration("4d")
+    with pytest.raises(ValueError, match="4D patch size"):
+        FIASTrainer.build_network_architecture(PlansManager(plans), cm, 1, 3, enable_deep_supervision=False)
+
+
+def test_imagenet_trainer_refuses_3d_before_writing_anything(root, results, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(results))
     plans, dataset_json = load_plans_and_dataset_json(root)
     plans["configurations"]["3d_fullres"] = {"inherits_from": "2d", "patch_size": [8, 64, 64],
                                             "data_identifier": "nnUNetPlans_3d_fullres"}
-    with pytest.raises(ValueError, match=r"configuration '3d_fullres' has a 3D patch size") as err:
-        _construct(FIASTrainer, plans, dataset_json, configuration="3d_fullres")
-    assert "-c 2d" in str(err.value)
+    with pytest.raises(ValueError, match="ImageNet weights are 2D"):
+        _construct(trainers.FIASTrainer_ImageNet, plans, dataset_json, configuration="3d_fullres")
     assert not (results / DATASET_NAME).exists()
-    # Inference builds on the class: the same guard applies there.
-    cm = PlansManager(plans).get_configuration("3d_fullres")
-    with pytest.raises(ValueError, match="2d"):
-        FIASTrainer.build_network_architecture(PlansManager(plans), cm, 1, 3, enable_deep_supervision=False)
 
 
 def test_class_level_build_loads_training_checkpoint_strictly(root):

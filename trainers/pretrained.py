@@ -38,6 +38,11 @@ class FIASTrainer_ImageNet(FIASTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # Before nnU-Net creates the output folder: a bad or missing checkpoint leaves nothing behind.
+        patch = plans["configurations"].get(configuration, {}).get("patch_size")
+        if patch is not None and len(patch) != 2:
+            raise ValueError(f"{self.__class__.__name__}: DilateFormer's ImageNet weights are 2D and configuration "
+                             f"'{configuration}' is {len(patch)}D; train it with FIASTrainer (FIAS-3D starts from "
+                             f"its own initialisation), or use -c 2d.")
         self._imagenet_source, self._imagenet_weights = self._read_imagenet_checkpoint()
         super().__init__(plans, configuration, fold, dataset_json, device)
 

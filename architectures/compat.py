@@ -1,0 +1,73 @@
+"""Loading FIAS checkpoints: earlier head names map onto today's, and a checkpoint that does not fit says what
+changed (decoder, stem, classes, preset) instead of listing every tensor."""
+from __future__ import annotations
+
+from torch import nn
+
+_OLD_HEAD_NAMES = {"main_head.": "seg_layers.0."} | {f"aux_heads.{i}.": f"seg_layers.{i + 1}." for i in range(3)}
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state dict that does not fit the FIAS network it is loaded into, with what differs in words."""
+
+
+def _renamed(key: str) -> str:
+    for old, new in _OLD_HEAD_NAMES.items():
+        if key.startswith("decoder." + old):
+            return "decoder." + new + key[len("decoder." + old):]
+    return key
+
+
+def _group(keys) -> str:
+    groups = sorted({".".join(k.split(".")[:3]) for k in keys})
+    return ", ".join(groups[:6]) + (f" and {len(groups) - 6} more" if len(groups) > 6 else "")
+
+
+def check_checkpoint_fits(net: nn.Module, state_dict: dict) -> None:
+    """Raise :class:`CheckpointMismatchError` naming what changed when ``state_dict`` does not fit ``net`` exactly."""
+    own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    theirs = {_renamed(k): tuple(v.shape) for k, v in state_dict.items()}
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    reshaped = [k for k in own if k in theirs and own[k] != theirs[k]]
+    if not (missing or unexpected or reshaped):
+        return
+    reasons = []
+    if any(k.startswith("decoder.stem_stages.") for k in missing):
+        reasons.append("the checkpoint has no full-resolution decoder stages: it was trained with "
+                       "full_resolution_decoder=False (or by a version without them); build the network that way")
+    if any(k.startswith("decoder.stem_stages.") for k in unexpected):
+        reasons.append("the checkpoint has full-resolution decoder stages, this network has none "
+                       "(full_resolution_decoder=False)")
+    if any(k.startswith("encoder.global_branch.stem.") for k in missing + unexpected + reshaped):
+        reasons.append("the global branch's stem differs: this network uses DilateFormer's official stem "
+                       f"(stem_width={net.encoder.stem_channels[0]}); checkpoints of FIAS versions with the earlier "
+                       "C/2-wide stem cannot be loaded")
+    head = "decoder.seg_layers.1.weight"
+    if head in own and head in theirs and own[head][0] != theirs[head][0]:
+        reasons.append(f"the number of output channels differs (checkpoint {theirs[head][0]}, network "
+                       f"{own[head][0]}); to fine-tune into another label set use nnUNetv2_train -pretrained_weights, "
+                       "which skips the segmentation heads")
+    if not reasons:
+        reasons.append("the preset or the network arguments (widths, depths, heads, kernels) differ")
+    details = []
+    if missing:
+        details.append(f"{len(missing)} tensors missing ({_group(missing)})")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected ({_group(unexpected)})")
+    if reshaped:
+        first = reshaped[0]
+        details.append(f"{len(reshaped)} with other shapes (e.g. {first}: checkpoint {list(theirs[first])}, network "
+                       f"{list(own[first])})")
+    raise CheckpointMismatchError("This checkpoint does not fit the FIAS network built here: " + "; ".join(reasons)
+                                  + ". " + "; ".join(details) + ".")
+
+
+def rename_old_heads(module, state_dict, prefix, *args) -> None:
+    """Load checkpoints saved before the heads were named ``seg_layers`` (``main_head``, ``aux_heads.i``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _OLD_HEAD_NAMES.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break

@@ -124,16 +124,21 @@ def test_dynamo_finds_no_graph_break(mode):
 
 
 # ------------------------------------------------------------------------------------------------ batch size
-def test_planned_batch_is_kept_where_fias_activations_are_small(root, tmp_path, monkeypatch):
-    """A plan whose batch nnU-Net capped for a small dataset leaves memory to spare: no lowering under the floor."""
+def _plans_with_a_tiny_unet(root, tmp_path, monkeypatch, batch_size: int) -> dict:
+    """The tiny dataset's plans with a larger batch and a U-Net far smaller than FIAS (1 feature per stage)."""
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     monkeypatch.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
     plans, _ = load_plans_and_dataset_json(root)
     config = plans["configurations"]["2d"]
-    config["batch_size"] = 48
+    config["batch_size"] = batch_size
     arch = config["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [1] * len(arch["features_per_stage"])
-    t = _construct(root, tmp_path, plans)
+    return plans
+
+
+def test_planned_batch_is_kept_where_fias_activations_are_small(root, tmp_path, monkeypatch):
+    """A plan whose batch nnU-Net capped for a small dataset leaves memory to spare: no lowering under the floor."""
+    t = _construct(root, tmp_path, _plans_with_a_tiny_unet(root, tmp_path, monkeypatch, batch_size=48))
     t.initialize()
     assert t.batch_size == 48
     assert "stay under 2048 MB" in open(t.log_file).read()
@@ -152,14 +157,7 @@ def test_planned_batch_is_kept_where_fias_needs_less_than_the_plans_network(root
 
 def test_batch_is_lowered_where_the_plans_network_is_smaller(root, tmp_path, monkeypatch):
     """Planners such as nnUNetPlannerResEncL size large batches for their own network; FIAS must fit there too."""
-    monkeypatch.setenv("nnUNet_results", str(tmp_path))
-    monkeypatch.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
-    plans, _ = load_plans_and_dataset_json(root)
-    config = plans["configurations"]["2d"]
-    config["batch_size"] = 48
-    arch = config["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = [1] * len(arch["features_per_stage"])  # a network far smaller than FIAS
-    t = _construct(root, tmp_path, plans)
+    t = _construct(root, tmp_path, _plans_with_a_tiny_unet(root, tmp_path, monkeypatch, batch_size=48))
     t.min_activation_budget_mb = 0.0  # tiny test patches: no floor
     t.initialize()
     assert 1 <= t.batch_size < 48

@@ -15,7 +15,7 @@ from torch import nn
 
 from .blocks import (CAF_VARIANTS, LN_EPS, BatchNorm2d, ContextAwareFusion, ConvNormAct, ConvStem, DMKBlock,
                      DilateBlock, MixAttBlock, OverlapStem, UpConvBlock, conv_memory_format, init_weights,
-                     permutations)
+                     interpolation_mode, permutations)
 from .checkpointing import checkpointed, run_blocks, worth_checkpointing
 from .compat import check_checkpoint_fits, rename_old_heads
 
@@ -216,7 +216,7 @@ class MixAttDecoder(nn.Module):
 
 def _validated_config(input_channels, num_classes, preset, widths, global_depths, num_heads, local_depths,
                       msda_stages, dilations, decoder_kv_reduction, caf_variant, drop_path_rate, stem_width,
-                      checkpoint_stages, strides) -> dict:
+                      checkpoint_stages, strides, ndim=2, stage_kernel_sizes=None) -> dict:
     """Resolve the preset and check FIAS's arguments; every error names the argument and the value."""
     if preset not in FIAS_PRESETS:
         raise ValueError(f"preset must be one of {sorted(FIAS_PRESETS)}, got {preset!r}")
@@ -249,11 +249,22 @@ def _validated_config(input_channels, num_classes, preset, widths, global_depths
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     if stem_width < 1:
         raise ValueError(f"stem_width must be >= 1, got {stem_width}")
-    cfg["strides"] = DEFAULT_STRIDES if strides is None else tuple(tuple(int(v) for v in s) for s in strides)
-    if len(cfg["strides"]) != 5 or any(len(s) != 2 or min(s) < 1 for s in cfg["strides"]):
-        raise ValueError("strides needs the per-axis strides (2 values >= 1) of FIAS's five downsamplings (two in "
-                         f"the stems, one before each of stages 2-4), got {strides}")
+    cfg["strides"] = (((2,) * ndim,) * 5 if strides is None else tuple(tuple(int(v) for v in s) for s in strides))
+    if len(cfg["strides"]) != 5 or any(len(s) != ndim or min(s) < 1 for s in cfg["strides"]):
+        raise ValueError(f"strides needs the per-axis strides ({ndim} values >= 1) of the five downsamplings (two "
+                         f"in the stems, one before each of stages 2-4), got {strides}")
+    cfg["stage_kernel_sizes"] = None if stage_kernel_sizes is None else tuple(
+        tuple(int(v) for v in k) for k in stage_kernel_sizes)
+    if cfg["stage_kernel_sizes"] is not None and (len(cfg["stage_kernel_sizes"]) != 4 or any(
+            len(k) != ndim or min(k) < 1 for k in cfg["stage_kernel_sizes"])):
+        raise ValueError(f"stage_kernel_sizes needs one kernel size per axis ({ndim} values >= 1) per stage (4), got "
+                         f"{stage_kernel_sizes}")
     return cfg
+
+
+def _anisotropic(kernel_sizes: Sequence[int], stage_kernels: Sequence[Sequence[int]]) -> list[list[tuple]]:
+    """Per stage, the DMK kernels with size 1 along the axes where the plan's kernel at that stage is 1."""
+    return [[tuple(1 if p == 1 else int(k) for p in plan) for k in kernel_sizes] for plan in stage_kernels]
 
 
 class FIAS(nn.Module):
@@ -298,8 +309,11 @@ class FIAS(nn.Module):
             The default (0, 1) keeps FIAS-T's training memory below nnU-Net's U-Net's at the same patch and batch
             (0.83x at 512x512), for about 8 % more compute per training step; ``()`` turns it off
             (docs/benchmarks.md has the figures).
-        norm_op, norm_kwargs: normalisation of the convolutional parts (default :class:`BatchNorm2d`, which also
-            trains at batch 1 on a 1x1 stage).
+        stage_kernel_sizes: per encoder stage (4), the plan's convolution kernel at that stage's resolution: the DMK
+            kernels are 1 along the axes where it is 1 (default: none, isotropic kernels; FIAS-3D takes it from 3D
+            plans, ``fias_stage_kernels_from_plan``).
+        norm_op, norm_kwargs: normalisation of the convolutional parts (default :class:`BatchNorm2d` in 2D,
+            :class:`BatchNorm3d` in 3D, which also train at batch 1 on a 1x1 stage).
         nonlin: activation of the convolutional parts (default GELU).
 
     The input is zero-padded (bottom/right) to a multiple of the total stride per axis (32 with the default strides)
@@ -312,6 +326,10 @@ class FIAS(nn.Module):
         [torch.Size([40, 224]), torch.Size([5, 28]), torch.Size([2, 14]), torch.Size([1, 7])]
     """
 
+    ndim = 2
+    conv_op: type[nn.Module] = nn.Conv2d
+    default_norm_op: type[nn.Module] = BatchNorm2d
+
     def __init__(self, input_channels: int, num_classes: int, preset: str = "T", deep_supervision: bool = False, *,
                  widths: Sequence[int] | None = None, global_depths: Sequence[int] | None = None,
                  num_heads: Sequence[int] | None = None, local_depths: Sequence[int] | None = None,
@@ -322,28 +340,34 @@ class FIAS(nn.Module):
                  decoder_kv_reduction: Sequence[int] = (4, 2, 1), mc_pool_sizes: Sequence[int] = (1, 2, 3),
                  checkpoint_stages: Sequence[int] = DEFAULT_CHECKPOINT_STAGES,
                  strides: Sequence[Sequence[int]] | None = None, full_resolution_decoder: bool = False,
-                 norm_op: type[nn.Module] = BatchNorm2d, norm_kwargs: dict | None = None,
+                 stage_kernel_sizes: Sequence[Sequence[int]] | None = None,
+                 norm_op: type[nn.Module] | None = None, norm_kwargs: dict | None = None,
                  nonlin: type[nn.Module] = nn.GELU):
         super().__init__()
         cfg = _validated_config(input_channels, num_classes, preset, widths, global_depths, num_heads, local_depths,
                                 msda_stages, dilations, decoder_kv_reduction, caf_variant, drop_path_rate,
-                                stem_width, checkpoint_stages, strides)
-        strides = cfg["strides"]
+                                stem_width, checkpoint_stages, strides, self.ndim, stage_kernel_sizes)
+        strides, conv_op = cfg["strides"], self.conv_op
+        norm_op = self.default_norm_op if norm_op is None else norm_op
         widths, global_depths, local_depths = cfg["widths"], cfg["global_depths"], cfg["local_depths"]
         self.input_channels, self.num_classes = input_channels, num_classes
         self.preset = preset
+        self.stage_kernel_sizes = cfg["stage_kernel_sizes"]
         g_rates = torch.linspace(0, drop_path_rate, sum(global_depths)).tolist()
         l_rates = torch.linspace(0, drop_path_rate, sum(local_depths)).tolist()
         global_branch = DilateFormerBranch(input_channels, widths, global_depths, cfg["num_heads"], cfg["msda_stages"],
                                            dilations, kernel_size, mlp_ratio, qkv_bias, g_rates, norm_op, norm_kwargs,
-                                           stem_width, cfg["checkpoint_stages"], strides)
-        local_branch = DMKBranch(input_channels, widths, local_depths, dmk_kernel_sizes, dmk_expansion, l_rates,
-                                 norm_op, norm_kwargs, nonlin, cfg["checkpoint_stages"], strides)
+                                           stem_width, cfg["checkpoint_stages"], strides, conv_op=conv_op)
+        per_stage = self.stage_kernel_sizes is not None
+        dmk_kernels = _anisotropic(dmk_kernel_sizes, self.stage_kernel_sizes) if per_stage else dmk_kernel_sizes
+        local_branch = DMKBranch(input_channels, widths, local_depths, dmk_kernels, dmk_expansion, l_rates, norm_op,
+                                 norm_kwargs, nonlin, cfg["checkpoint_stages"], strides, conv_op=conv_op,
+                                 per_stage_kernels=per_stage)
         self.encoder = DualPathEncoder(global_branch, local_branch, widths, caf_variant, caf_reduction, strides)
         self.encoder.stem_skips = full_resolution_decoder
         self.decoder = MixAttDecoder(self.encoder, num_classes, cfg["num_heads"], cfg["decoder_kv_reduction"],
                                      mc_pool_sizes, deep_supervision, norm_op, norm_kwargs, nonlin,
-                                     full_resolution_decoder)
+                                     full_resolution_decoder, conv_op=conv_op)
         self.strides = strides
         # Outputs: the main one at the input's resolution, auxiliary ones at stages 2-4.
         self.output_strides = ((1,) * len(strides[0]),) + self.encoder.strides[1:]
@@ -386,18 +410,22 @@ class FIAS(nn.Module):
         return [float(caf.last_global_share) for caf in self.encoder.fusions]
 
     def forward(self, x: torch.Tensor):
-        if x.ndim != 4:
-            raise ValueError(f"FIAS is a 2D network and expects input of shape (B, C, H, W), got {tuple(x.shape)}"
-                             + (" (a 3D patch: use nnU-Net's 2d configuration)" if x.ndim == 5 else ""))
+        if x.ndim != self.ndim + 2:
+            axes = "(B, C, H, W)" if self.ndim == 2 else "(B, C, D, H, W)"
+            hint = {(2, 5): " (a 3D patch: use FIAS3d, nnU-Net's 3d configurations)",
+                    (3, 4): " (a 2D patch: use FIAS)"}.get((self.ndim, x.ndim), "")
+            raise ValueError(f"{type(self).__name__} is a {self.ndim}D network and expects input of shape {axes}, got "
+                             f"{tuple(x.shape)}{hint}")
         if x.shape[1] != self.input_channels:
             raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
-        size = x.shape[2:]
-        pad_h, pad_w = ((-s) % d for s, d in zip(size, self.size_divisor))
-        if pad_h or pad_w:  # only where the input is not divisible by the strides (never for nnU-Net's plans)
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        size = tuple(x.shape[2:])
+        pads = [(-s) % d for s, d in zip(size, self.size_divisor)]
+        if any(pads):  # only where the input is not divisible by the strides (never for nnU-Net's plans)
+            x = F.pad(x, [v for p in reversed(pads) for v in (0, p)])
         outputs = self.decoder(self.encoder(x))
-        padded = (size[0] + pad_h, size[1] + pad_w)
         if not self.decoder.full_resolution:  # main head at stage 1: upsample its logits to the input
-            outputs[0] = F.interpolate(outputs[0], size=padded, mode="bilinear", align_corners=False)
-        outputs = [o[:, :, :h, :w] for o, (h, w) in zip(outputs, self.output_sizes(size))]
+            padded = tuple(s + p for s, p in zip(size, pads))
+            outputs[0] = F.interpolate(outputs[0], size=padded, mode=interpolation_mode(self.ndim),
+                                       align_corners=False)
+        outputs = [o[(..., *(slice(0, s) for s in out))] for o, out in zip(outputs, self.output_sizes(size))]
         return outputs if self.decoder.deep_supervision else outputs[0]

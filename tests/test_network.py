@@ -160,6 +160,7 @@ def test_bad_input_raises():
 
 
 def test_fullgraph_compile_has_no_graph_breaks():
+    torch._dynamo.reset()  # a fresh dynamo cache, as in a training process
     torch.manual_seed(0)
     net = tiny(deep_supervision=True)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")

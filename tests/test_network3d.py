@@ -141,6 +141,9 @@ def test_checkpointing_changes_nothing_but_memory_in_3d(monkeypatch):
 
 def test_fullgraph_compile_has_no_graph_breaks_in_3d():
     # nnU-Net compiles the network on CUDA by default. One MSDA stage: tracing its offsets is most of the time.
+    # A fresh dynamo cache, as in a training process: 2D and 3D FIAS share their forward code, and a second shape
+    # seen by the same code would make dynamo recompile it with dynamic shapes.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     net = tiny(strides=SMALL, msda_stages=(0,)).train()
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")

@@ -15,7 +15,7 @@ from nnunetv2_fias.dataset_conversion import split_ids
 from nnunetv2_fias.dataset_conversion.common import ConversionError
 from nnunetv2_fias.dataset_conversion.synapse import convert_synapse, main
 
-# Facts from shared/design/datasets.md, written out independently of the converter.
+# Dataset facts (label values, case lists, spacing rules), written out independently of the converter.
 RAW = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "esophagus": 5, "liver": 6,
        "stomach": 7, "aorta": 8, "inferior_vena_cava": 9, "portal_vein_and_splenic_vein": 10, "pancreas": 11,
        "adrenal_gland_right": 12, "adrenal_gland_left": 13}

@@ -11,11 +11,13 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
+from nnunetv2_fias._util import StagingFolder, remove_stale_staging
 from nnunetv2_fias.dataset_conversion.checks import visible_entries
 from nnunetv2_fias.dataset_conversion.common import FILE_ENDING, ConversionError
 
@@ -82,6 +84,8 @@ class DatasetOutput:
         self.overwrite = overwrite
         self.replaced: list[Path] = []
         self.staging: Path | None = None
+        self._staging: StagingFolder | None = None
+        self.removed_stale: list = []
         problems = self._claim_id(dataset_id)
         for p in self.replaced:
             if _is_within(input_folder, p):
@@ -131,16 +135,21 @@ class DatasetOutput:
                 raise ConversionError(f"{f} already exists with a different split; pass --overwrite to replace it")
 
     def __enter__(self) -> Path:
+        # Staging folders of this dataset whose conversion was killed (SIGKILL, power loss) would stay forever.
+        self.removed_stale = remove_stale_staging(self.raw_root, self.name)
+        for stale in self.removed_stale:
+            print(f"removed a staging folder left by an interrupted conversion: {stale.describe()}", file=sys.stderr)
         try:
             # Hidden name without the 'Dataset' prefix: nnU-Net's ID lookup never sees a half-written dataset.
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.name}.partial-", dir=self.raw_root))
+            self._staging = StagingFolder(self.target)
         except OSError as e:
             raise ConversionError(f"cannot create a folder in nnUNet_raw={self.raw_root}: {e.strerror or e}")
+        self.staging = self._staging.path
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.staging is not None and self.staging.exists():
-            shutil.rmtree(self.staging, ignore_errors=True)
+        if self._staging is not None and self.staging is not None:
+            self._staging.remove()
 
     def _stage_split(self, splits: list[dict]) -> tuple[Path, Path | None]:
         """Write the split to a hidden file beside its final place; return it and the folder created for it."""
@@ -178,6 +187,7 @@ class DatasetOutput:
                 notes.append(f"{pre_dir} holds preprocessed data of the replaced dataset; rerun "
                              "nnUNetv2_plan_and_preprocess before training")
         trash = []
+        self._staging.release()
         try:
             for old in self.replaced:
                 aside = old.with_name(f".{old.name}.replaced-{uuid.uuid4().hex[:8]}")

@@ -69,20 +69,30 @@ def main_env(argv: list[str] | None = None) -> int:
     return 0
 
 
+class Finding(NamedTuple):
+    level: str  # "ok", "warn" or "fail"
+    text: str
+    fix: str = ""
+
+
 class _Report:
     def __init__(self) -> None:
         self.failures = 0
         self.warnings = 0
+        self.findings: list[Finding] = []
 
     def ok(self, text: str) -> None:
+        self.findings.append(Finding("ok", text))
         print(f"[ok]   {text}")
 
     def warn(self, text: str, fix: str) -> None:
         self.warnings += 1
+        self.findings.append(Finding("warn", text, fix))
         print(f"[warn] {text}\n       fix: {fix}")
 
     def fail(self, text: str, fix: str) -> None:
         self.failures += 1
+        self.findings.append(Finding("fail", text, fix))
         print(f"[FAIL] {text}\n       fix: {fix}")
 
 
@@ -113,12 +123,29 @@ def _check_paths(rep: _Report) -> None:
             rep.fail(f"{var} is not set",
                      f"mkdir -p /path/to/{var} && export {var}=/path/to/{var} (a folder of your choice; see "
                      f"nnU-Net's documentation/setting_up_paths.md)")
+        elif os.path.exists(value) and not os.path.isdir(value):
+            rep.fail(f"{var}={value} is a file, not a folder",
+                     f"export {var}=/path/to/{var} (a folder; {value} itself is not a place for nnU-Net's data)")
         elif not os.path.isdir(value):
-            rep.fail(f"{var}={value} does not exist or is not a folder", f"mkdir -p {shlex.quote(value)}")
+            rep.fail(f"{var}={value} does not exist", f"mkdir -p {shlex.quote(value)}")
         elif not os.access(value, os.W_OK):
             rep.fail(f"{var}={value} is not writable", "choose a folder you can write to, or fix its permissions")
         else:
             rep.ok(f"{var}={value}")
+            if var == "nnUNet_raw":
+                _check_staging_leftovers(rep, value)
+
+
+def _check_staging_leftovers(rep: _Report, raw: str) -> None:
+    """Hidden staging folders of conversions that were killed (they are never used and can be large)."""
+    from nnunetv2_fias._util import find_stale_staging
+
+    stale = find_stale_staging(raw)
+    if stale:
+        rep.warn(f"nnUNet_raw holds {len(stale)} staging folder(s) left by interrupted runs, never used by nnU-Net:"
+                 + "".join(f"\n         {s.describe()}" for s in stale),
+                 "rm -rf " + " ".join(shlex.quote(str(s.path)) for s in stale)
+                 + "  (re-running the conversion of that dataset also removes them)")
 
 
 # A class name no folder defines: looking it up makes nnU-Net import every module of a folder.
@@ -187,10 +214,19 @@ def _check_discovery(rep: _Report) -> None:
         return
     shim_index = next(i for i, p in enumerate(parts) if _same_path(p, folder))
     blocked = False
+    sources = _plugin_source_folders()
     for i, p in enumerate(parts):
         if not os.path.isdir(p):
             rep.warn(f"nnUNet_extTrainer lists {p}, which is not a folder (nnU-Net skips it)",
                      "remove it from nnUNet_extTrainer")
+            continue
+        if any(_same_path(p, src) for src in sources):
+            # nnU-Net imports the modules of a listed folder as top-level modules, so a package folder of this
+            # plugin fails on its relative imports; only the discovery folder is meant to be listed.
+            rep.fail(f"nnUNet_extTrainer lists {p}, a source folder of nnunetv2-fias, not its discovery folder "
+                     f"{folder}; nnU-Net cannot import a package folder's modules on their own",
+                     f"remove {p} from nnUNet_extTrainer, then {fix_env}")
+            blocked = blocked or i <= shim_index
             continue
         broken = find_broken_module(p)
         if broken is not None:
@@ -220,6 +256,18 @@ def _check_discovery(rep: _Report) -> None:
     else:
         rep.ok(f"nnU-Net resolves {', '.join(c.__name__ for c in trainers.TRAINERS)} to the installed classes "
                f"(via {folder})")
+
+
+def _plugin_source_folders() -> list[Path]:
+    """The plugin's package folders (and the folder above them) other than the discovery folder."""
+    import importlib.util
+
+    folders = []
+    for name in ("nnunetv2_fias", "nnunetv2_fias.architectures", "nnunetv2_fias.dataset_conversion",
+                 "nnunetv2_fias.trainers"):
+        spec = importlib.util.find_spec(name)  # located, not imported: a broken module must not stop doctor
+        folders += [Path(f).resolve() for f in (spec.submodule_search_locations or [])] if spec else []
+    return folders + [f.parent for f in folders]
 
 
 def _where(cls: type) -> str:
@@ -282,6 +330,11 @@ def main_doctor(argv: list[str] | None = None) -> int:
         description="Check nnU-Net's version, its path variables, that nnU-Net resolves the FIAS trainers to this "
                     "installation, and which torch device will be used. Exits 1 if a check fails.")
     parser.parse_args(argv)
+    return 1 if run_checks().failures else 0
+
+
+def run_checks() -> _Report:
+    """All of ``doctor``'s checks, printed as they run; the report holds the findings."""
     rep = _Report()
     print(f"nnunetv2_fias {metadata.version('nnunetv2-fias') if _has_dist('nnunetv2-fias') else '(not installed)'}"
           f", Python {sys.version.split()[0]}")
@@ -292,7 +345,7 @@ def main_doctor(argv: list[str] | None = None) -> int:
     _check_device(rep)
     print(f"\n{rep.failures} problem(s), {rep.warnings} warning(s)" if rep.failures or rep.warnings
           else "\nAll checks passed.")
-    return 1 if rep.failures else 0
+    return rep
 
 
 def _has_dist(name: str) -> bool:

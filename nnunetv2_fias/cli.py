@@ -28,6 +28,8 @@ COMMANDS: dict[str, Command] = {
                         "Per-class DSC and HD95 tables, plots and trainer comparisons."),
     "demo": Command("nnunetv2_fias.demo", "main",
                     "Generate phantoms, train FIAS through nnU-Net, predict and evaluate."),
+    "train": Command("nnunetv2_fias.train", "main",
+                     "nnUNetv2_train, also as a torchrun job across GPUs and nodes (any nnU-Net trainer)."),
     "benchmark": Command("nnunetv2_fias.benchmark", "main",
                          "Parameters, FLOPs, step time and memory of FIAS vs baselines."),
     "env": Command("nnunetv2_fias.doctor", "main_env",

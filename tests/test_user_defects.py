@@ -3,6 +3,7 @@ read, late and misleading failures (benchmark patches, pretrained files, doctor'
 plot. Each test reproduces the user's situation."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -175,3 +176,25 @@ def test_doctor_on_ext_trainer_pointing_at_the_plugin_source_folder(monkeypatch,
     assert len(source) == 1 and source[0].level == "fail"
     assert "nnunetv2_fias env" in source[0].fix and f"remove {trainers_src}" in source[0].fix
     assert not any(".py" in f.fix for f in findings)  # no "fix or remove .../trainers/budgets.py"
+
+
+# -------------------------------------------------------------------------------------------- benchmark patches (3)
+@pytest.mark.parametrize("patch", [["3", "3"], ["2", "2"], ["4", "4"], ["3", "4"], ["1", "3", "3"], ["1", "1"]])
+def test_benchmark_patch_too_small_for_the_unet_is_one_message(patch, tmp_path, monkeypatch, capsys):
+    from nnunetv2_fias import benchmark
+
+    monkeypatch.setenv("nnUNet_compile", "f")
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--skip-timing", "--patch", *patch, "--json", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--patch {' '.join(patch)}" in err[0] and "--baselines none" in err[0]
+    assert not out.exists()
+
+
+def test_benchmark_small_patch_measures_fias_alone(tmp_path, monkeypatch):
+    from nnunetv2_fias import benchmark
+
+    monkeypatch.setenv("nnUNet_compile", "f")
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--skip-timing", "--patch", "3", "3", "--baselines", "none", "--json", str(out)]) == 0
+    assert [r["model"] for r in json.loads(out.read_text())["results"]] == ["FIAS-T"]

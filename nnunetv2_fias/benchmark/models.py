@@ -47,6 +47,14 @@ def default_nnunet_architecture(patch: Sequence[int], strict: bool = True) -> di
             f"{' x '.join(str(int(d)) for d in divisor)} for this patch; nnU-Net would use "
             f"{' '.join(str(int(p)) for p in padded)} (pass that, or a --plans file)")
     n = len(pools)
+    if strict and n < 2:
+        # PlainConvUNet has no decoder without a downsampling (it fails with an IndexError, or on 1x1 maps in
+        # InstanceNorm); nnU-Net's planner downsamples an axis only while the map stays at least 4 voxels wide.
+        raise BenchmarkError(
+            f"--patch {' '.join(map(str, patch))}: too small for nnU-Net's default {dim}D U-Net, which needs at "
+            f"least one downsampling (nnU-Net's planner pools an axis only from 8 voxels on, e.g. --patch "
+            f"{' '.join(['8'] * dim) if dim == 2 else ' '.join(map(str, [max(1, patch[0]), 8, 8]))}); "
+            f"pass a larger --patch, or --baselines none to measure FIAS alone")
     return {
         "network_class_name": NNUNET_ARCH_CLASS,
         "arch_kwargs": {

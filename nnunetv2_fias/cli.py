@@ -30,6 +30,8 @@ COMMANDS: dict[str, Command] = {
                     "Generate phantoms, train FIAS through nnU-Net, predict and evaluate."),
     "train": Command("nnunetv2_fias.train", "main",
                      "nnUNetv2_train, also as a torchrun job across GPUs and nodes (any nnU-Net trainer)."),
+    "study": Command("nnunetv2_fias.study", "main",
+                     "Five-fold comparison of trainers: train, select, predict, score, paired statistics."),
     "benchmark": Command("nnunetv2_fias.benchmark", "main",
                          "Parameters, FLOPs, step time and memory of FIAS vs baselines."),
     "env": Command("nnunetv2_fias.doctor", "main_env",

@@ -110,13 +110,14 @@ def _write_2d(arr: np.ndarray, path: Path) -> None:
     sitk.WriteImage(img, str(path))
 
 
-def make_raw_dataset(raw_root: Path, seed: int = 0) -> Path:
-    """Generates the tiny dataset in nnU-Net's raw format under ``raw_root`` and returns its folder."""
+def make_raw_dataset(raw_root: Path, seed: int = 0, test_labels: bool = False) -> Path:
+    """Generates the tiny dataset in nnU-Net's raw format under ``raw_root`` and returns its folder (with
+    ``labelsTs`` for the test images when ``test_labels``)."""
     from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     folder = raw_root / DATASET_NAME
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+    for sub in ("imagesTr", "labelsTr", "imagesTs") + (("labelsTs",) if test_labels else ()):
         maybe_mkdir_p(str(folder / sub))
     rng = np.random.default_rng(seed)
     for i in range(NUM_TRAIN):
@@ -124,8 +125,10 @@ def make_raw_dataset(raw_root: Path, seed: int = 0) -> Path:
         _write_2d(img, folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
         _write_2d(seg, folder / "labelsTr" / f"case_{i:03d}.nii.gz")
     for i in range(NUM_TEST):
-        img, _ = _draw_case(rng, IMAGE_SIZE)
+        img, seg = _draw_case(rng, IMAGE_SIZE)
         _write_2d(img, folder / "imagesTs" / f"test_{i:03d}_0000.nii.gz")
+        if test_labels:
+            _write_2d(seg, folder / "labelsTs" / f"test_{i:03d}.nii.gz")
     generate_dataset_json(str(folder), {0: "MR"}, LABELS, NUM_TRAIN, ".nii.gz", dataset_name=DATASET_NAME)
     return folder
 

@@ -1,0 +1,5 @@
+import sys
+
+from nnunetv2_fias.study.cli import main
+
+sys.exit(main())

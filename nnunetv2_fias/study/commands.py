@@ -1,0 +1,132 @@
+"""The stock nnU-Net console commands a study runs, built as a user would type them.
+
+Every command is a list whose first element is the console command's name; :func:`resolve` turns it into the
+executable of this environment when it runs, so the printed form (``--dry-run``, job logs, SLURM scripts) is the
+one a user can copy.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnunetv2_fias.study.grid import Grid, Model, TrainJob
+from nnunetv2_fias.study.layout import FoldState
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run (not part of the grid)."""
+    device: str = "cuda"
+    num_processes: int = 1  # nnU-Net's -np / -npp / -nps for planning, ensembling, prediction and export
+
+
+def resolve(command: list[str]) -> list[str]:
+    """The console command next to this interpreter (the environment nnunetv2_fias runs in), else on PATH."""
+    name = command[0]
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return [str(local), *command[1:]]
+    found = shutil.which(name)
+    if found is None and name == "nnunetv2_fias":
+        return [sys.executable, "-m", "nnunetv2_fias.cli", *command[1:]]
+    return [found or name, *command[1:]]
+
+
+def show(command: list[str]) -> str:
+    return shlex.join(command)
+
+
+def dataset_id(grid: Grid) -> str:
+    return str(int(grid.dataset[len("Dataset"):len("Dataset") + 3]))
+
+
+def train_command(grid: Grid, job: TrainJob, state: FoldState, options: Options, npz: bool) -> list[str]:
+    cmd = ["nnUNetv2_train", dataset_id(grid), job.configuration, str(job.fold), "-tr", job.model.trainer,
+           "-p", job.model.plans]
+    if npz:
+        cmd.append("--npz")
+    if state is FoldState.RESUME:
+        cmd.append("--c")
+    elif state is FoldState.VALIDATE:
+        cmd.append("--val")
+    return cmd + ["-device", options.device]
+
+
+def plan_command(grid: Grid, planner: str, configurations: list[str], options: Options) -> list[str]:
+    n = str(options.num_processes)
+    return ["nnUNetv2_plan_and_preprocess", "-d", dataset_id(grid), "-pl", planner, "-c", *configurations,
+            "-np", n, "-npfp", n, "--verify_dataset_integrity"]
+
+
+def preprocess_command(grid: Grid, plans: str, configurations: list[str], options: Options) -> list[str]:
+    return ["nnUNetv2_preprocess", "-d", dataset_id(grid), "-plans_name", plans, "-c", *configurations,
+            "-np", str(options.num_processes)]
+
+
+def find_best_command(grid: Grid, model: Model, options: Options) -> list[str]:
+    return ["nnUNetv2_find_best_configuration", dataset_id(grid), "-c", *grid.configurations, "-tr", model.trainer,
+            "-p", model.plans, "-f", *map(str, grid.folds), "-np", str(options.num_processes)]
+
+
+def inference_commands(grid: Grid, info: dict, images: Path, work: Path, options: Options) -> list[list[str]]:
+    """What find_best's ``inference_instructions.txt`` says, with real folders, the device and process counts:
+    ``nnUNetv2_predict`` per selected model into ``work/model_N`` (with probabilities when they are ensembled),
+    ``nnUNetv2_ensemble`` into ``work/raw`` (a single model predicts there), then
+    ``nnUNetv2_apply_postprocessing`` into ``work/postprocessed``."""
+    best = info["best_model_or_ensemble"]
+    selected = best["selected_model_or_models"]
+    ensemble = len(selected) > 1
+    n = str(options.num_processes)
+    cmds, outputs = [], []
+    for i, m in enumerate(selected):
+        target = str(work / (f"model_{i + 1}" if ensemble else "raw"))
+        outputs.append(target)
+        cmd = ["nnUNetv2_predict", "-d", dataset_id(grid), "-i", str(images), "-o", target,
+               "-f", *map(str, info["folds"]), "-tr", m["trainer"], "-c", m["configuration"],
+               "-p", m["plans_identifier"]]
+        if ensemble:
+            cmd.append("--save_probabilities")
+        cmds.append(cmd + ["-device", options.device, "-npp", n, "-nps", n, "--disable_progress_bar"])
+    if ensemble:
+        cmds.append(["nnUNetv2_ensemble", "-i", *outputs, "-o", str(work / "raw"), "-np", n])
+    cmds.append(["nnUNetv2_apply_postprocessing", "-i", str(work / "raw"), "-o", str(work / "postprocessed"),
+                 "-pp_pkl_file", best["postprocessing_file"], "-np", n, "-plans_json", best["some_plans_file"]])
+    return cmds
+
+
+def subprocess_env(base: dict[str, str], device: str, planning: bool = False) -> dict[str, str]:
+    """The environment of every nnU-Net command: the FIAS trainers discoverable; CPU-friendly defaults on CPU.
+
+    Planning never inherits ``nnUNet_n_proc_DA``: nnU-Net 2.8.1's planner calls ``set_num_threads`` with it and
+    crashes on the common CPU setting 0.
+    """
+    from nnunetv2_fias.doctor import ext_trainer_value
+
+    env = dict(base)
+    env["nnUNet_extTrainer"] = ext_trainer_value(env.get("nnUNet_extTrainer"))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("MPLBACKEND", "Agg")
+    if device == "cpu":
+        # nnU-Net's pools default to 8 workers, which costs minutes and GBs per fold on a CPU machine; idle OpenMP
+        # threads sleep instead of spinning so concurrent workers do not steal the training's cores.
+        env.setdefault("nnUNet_def_n_proc", "1")
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if planning:
+        env.pop("nnUNet_n_proc_DA", None)
+    return env
+
+
+def env_exports(env: dict[str, str]) -> list[str]:
+    """``export`` lines for a job script: nnU-Net's folders and the variables that change what nnU-Net does."""
+    names = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_compile",
+             "nnUNet_def_n_proc", "nnUNet_n_proc_DA", "OMP_WAIT_POLICY")
+    return [f"export {n}={shlex.quote(env[n])}" for n in names if env.get(n)] + [
+        f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\""]
+
+
+def bin_dir() -> str:
+    return os.path.dirname(sys.executable)

@@ -178,3 +178,28 @@ def test_smoke_demo_end_to_end(tmp_path, monkeypatch):
     # A second run into the same folder is refused without --overwrite and leaves the results alone.
     assert demo.main(["-o", str(out), "--budget", "smoke", "--device", "cpu"]) == 1
     assert (out / "report.md").read_text() == report
+
+
+def test_configuration_3d_fullres_runs_every_nnunet_step_in_3d(tmp_path):
+    """`--configuration 3d_fullres` plans, trains and predicts 3d_fullres (FIAS-3D); the 3D commands themselves are
+    run end to end in test_e2e_3d.py."""
+    from nnunetv2_fias.demo import cli, pipeline
+
+    assert cli.build_parser().parse_args(["--configuration", "3d_fullres"]).configuration == "3d_fullres"
+    assert cli.build_parser().parse_args([]).configuration == "2d"
+    assert demo.main(["-o", str(tmp_path / "x"), "--configuration", "3d_lowres"]) == 2
+
+    class Recorder:
+        out = tmp_path
+        commands: list[list[str]] = []
+
+        def run(self, title, command, log):
+            self.commands.append(command)
+
+    runner = Recorder()
+    pipeline._nnunet_steps(runner, tmp_path / "RawData", {"fias": "FIASTrainer_demoBudget"}, "cpu", 1, "3d_fullres")
+    by_tool = {Path(c[0]).name: c for c in runner.commands}
+    assert by_tool["nnUNetv2_plan_and_preprocess"][by_tool["nnUNetv2_plan_and_preprocess"].index("-c") + 1] == \
+        "3d_fullres"
+    assert by_tool["nnUNetv2_train"][2] == "3d_fullres"
+    assert by_tool["nnUNetv2_predict"][by_tool["nnUNetv2_predict"].index("-c") + 1] == "3d_fullres"

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from nnunetv2_fias.demo.pipeline import check_trainers, prepare_output, resolve_device, run_demo
-from nnunetv2_fias.demo.settings import BUDGETS, DemoError
+from nnunetv2_fias.demo.settings import BUDGETS, CONFIGURATION, CONFIGURATIONS, DemoError
 
 PROG = "nnunetv2_fias demo"
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
             "Generate synthetic abdominal CT phantoms in the Synapse layout, convert them (TransUNet protocol), plan "
-            "and preprocess with nnU-Net, train FIAS (fold 0 only), predict the 12 test cases and evaluate them; "
+            "and preprocess with nnU-Net, train FIAS (2d) or FIAS-3D (3d_fullres), fold 0 only, predict the 12 test cases and evaluate them; "
             "writes report.md and an overlay PNG. Everything stays inside -o DIR; your own nnU-Net folders and "
             "variables are not used.", 100),
         epilog="budgets:\n" + "\n".join(textwrap.fill(b.description, 100, initial_indent=f"  {k:<7}",
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="demo",
                         help="demo (default): the real demo; smoke: tiny phantoms and 2 iterations, to check the "
                              "pipeline quickly (the test suite uses it)")
+    parser.add_argument("--configuration", choices=CONFIGURATIONS, default=CONFIGURATION,
+                        help="nnU-Net configuration: 2d (default; FIAS) or 3d_fullres (FIAS-3D on the phantom "
+                             "volumes, several times slower on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous demo run in DIR first")
     parser.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nnunetv2_fias import _util
 from nnunetv2_fias.demo.report import format_duration, write_overlay, write_report
-from nnunetv2_fias.demo.settings import (BUDGETS, COMPARE_NOTE, CONFIGURATION, DATASET_ID, DATASET_NAME, FOLD,
+from nnunetv2_fias.demo.settings import (BUDGETS, COMPARE_NOTE, DATASET_ID, DATASET_NAME, FOLD,
                                          MARKER, METHOD_NAMES, NNUNET_FOLDERS, SHIM_DIR, Budget, DemoError)
 
 
@@ -211,7 +211,8 @@ def _write_marker(out: Path, marker: dict) -> None:
     _util.atomic_write_json(out / MARKER, marker, indent=1)
 
 
-def _nnunet_steps(runner: StepRunner, raw: Path, trainers: dict[str, str], device: str, n_proc: int) -> dict[str, Path]:
+def _nnunet_steps(runner: StepRunner, raw: Path, trainers: dict[str, str], device: str, n_proc: int,
+                  configuration: str) -> dict[str, Path]:
     """Convert, plan and preprocess, train, predict and evaluate; return ``{method name: predictions folder}``."""
     out = runner.out
     raw_dataset = out / "nnUNet_raw" / DATASET_NAME
@@ -219,14 +220,14 @@ def _nnunet_steps(runner: StepRunner, raw: Path, trainers: dict[str, str], devic
                console_command("nnunetv2_fias") + ["convert-synapse", "-i", str(raw), "-d", str(DATASET_ID),
                                                    "--protocol", "transunet", "-np", str(n_proc)],
                "1_convert.log")
-    runner.run("nnUNetv2_plan_and_preprocess (2d)",
-               console_command("nnUNetv2_plan_and_preprocess") + ["-d", str(DATASET_ID), "-c", CONFIGURATION,
+    runner.run(f"nnUNetv2_plan_and_preprocess ({configuration})",
+               console_command("nnUNetv2_plan_and_preprocess") + ["-d", str(DATASET_ID), "-c", configuration,
                                                                   "-np", str(n_proc), "-npfp", str(n_proc),
                                                                   "--verify_dataset_integrity"],
                "2_plan_and_preprocess.log")
     for key, trainer in trainers.items():
         runner.run(f"nnUNetv2_train {METHOD_NAMES[key]} ({trainer}, fold {FOLD})",
-                   console_command("nnUNetv2_train") + [str(DATASET_ID), CONFIGURATION, FOLD, "-tr", trainer,
+                   console_command("nnUNetv2_train") + [str(DATASET_ID), configuration, FOLD, "-tr", trainer,
                                                         "-device", device],
                    f"3_train_{trainer}.log")
     predictions = {}
@@ -234,7 +235,7 @@ def _nnunet_steps(runner: StepRunner, raw: Path, trainers: dict[str, str], devic
         folder = out / "predictions" / trainer
         runner.run(f"nnUNetv2_predict the 12 test cases with {METHOD_NAMES[key]} ({trainer})",
                    console_command("nnUNetv2_predict") + ["-i", str(raw_dataset / "imagesTs"), "-o", str(folder),
-                                                          "-d", str(DATASET_ID), "-c", CONFIGURATION, "-f", FOLD,
+                                                          "-d", str(DATASET_ID), "-c", configuration, "-f", FOLD,
                                                           "-tr", trainer, "-device", device,
                                                           "-npp", str(n_proc), "-nps", str(n_proc)],
                    f"4_predict_{trainer}.log")
@@ -258,13 +259,14 @@ def run_demo(args: argparse.Namespace, out: Path, device: str) -> int:
     if args.compare:
         trainers["baseline"] = budget.baseline_trainer
     marker = {"tool": "nnunetv2_fias demo", "argv": args.argv, "device": device, "budget": args.budget,
+              "configuration": args.configuration,
               "started": _now(), "status": "running"}
     _write_marker(out, marker)
 
     runner = StepRunner(out, env, n_steps=5 + 2 * len(trainers))
     print(f"nnunetv2_fias demo: writing everything to {out}")
     print(f"  device {device}; budget '{args.budget}': {budget.description}")
-    print(f"  nnU-Net configuration {CONFIGURATION}, fold {FOLD} only (not a 5-fold cross-validation); "
+    print(f"  nnU-Net configuration {args.configuration}, fold {FOLD} only (not a 5-fold cross-validation); "
           f"nnUNet_raw/preprocessed/results under {out}")
     try:
         from nnunetv2_fias.phantoms import write_synapse_phantoms
@@ -275,7 +277,7 @@ def run_demo(args: argparse.Namespace, out: Path, device: str) -> int:
         print(f"    wrote 30 labelled + 20 unlabelled cases to {raw}", flush=True)
         runner.done("generate phantoms", start)
 
-        predictions = _nnunet_steps(runner, raw, trainers, device, n_proc)
+        predictions = _nnunet_steps(runner, raw, trainers, device, n_proc, args.configuration)
 
         start = runner.header("report")
         overlay = write_overlay(out / "nnUNet_raw" / DATASET_NAME, predictions, out / "overlay.png")

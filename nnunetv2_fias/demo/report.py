@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 
 from nnunetv2_fias._util import atomic_savefig, atomic_write_text, available_cpus
-from nnunetv2_fias.demo.settings import (COMPARE_NOTE, CONFIGURATION, DATASET_NAME, FOLD, METHOD_NAMES, Budget,
+from nnunetv2_fias.demo.settings import (COMPARE_NOTE, DATASET_NAME, FOLD, METHOD_NAMES, Budget,
                                          DemoError)
 
 
@@ -120,7 +120,7 @@ def write_report(out: Path, args: argparse.Namespace, device: str, budget: Budge
     summary = json.loads((eval_dir / "summary.json").read_text())
     means = {m: v["mean_over_labels"]["dice"] for m, v in summary["methods"].items()}
     results = out / "nnUNet_results" / DATASET_NAME
-    fold_dirs = {key: results / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{FOLD}"
+    fold_dirs = {key: results / f"{trainer}__nnUNetPlans__{args.configuration}" / f"fold_{FOLD}"
                  for key, trainer in trainers.items()}
     lines = [
         "# nnunetv2_fias demo report", "",
@@ -131,7 +131,7 @@ def write_report(out: Path, args: argparse.Namespace, device: str, budget: Budge
         f"- Data: synthetic phantoms (seed {args.seed}) in the Synapse layout, converted with the TransUNet protocol "
         f"(18 training cases, 12 test cases, 8 organs). **These are phantoms: the numbers say nothing about "
         f"performance on real CT.**",
-        f"- Training: nnU-Net configuration `{CONFIGURATION}`, fold {FOLD} only (nnU-Net's 5-fold split of the 18 "
+        f"- Training: nnU-Net configuration `{args.configuration}`, fold {FOLD} only (nnU-Net's 5-fold split of the 18 "
         f"training cases: 14 train / 4 validation); not a 5-fold cross-validation.",
     ]
     lines += [f"- {METHOD_NAMES[key]}: `{trainers[key]}`, {_training_budget(d)}" for key, d in fold_dirs.items()]

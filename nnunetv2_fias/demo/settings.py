@@ -8,7 +8,8 @@ DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_Synapse"
 MARKER = "demo_run.json"  # identifies a folder written by this command (see pipeline.prepare_output)
 FOLD = "0"
-CONFIGURATION = "2d"
+CONFIGURATION = "2d"  # the default; --configuration 3d_fullres trains FIAS-3D
+CONFIGURATIONS = ("2d", "3d_fullres")
 # The package's nnU-Net discovery shim (nnunetv2_fias/nnunet_ext), appended to nnUNet_extTrainer.
 SHIM_DIR = Path(__file__).resolve().parent.parent / "nnunet_ext"
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")

@@ -136,7 +136,7 @@ def train_distributed(args: argparse.Namespace, env) -> None:
             if is_communication_error(e):
                 raise LostPeerError(
                     f"rank {env.rank} of {env.world_size} lost contact with the other processes of this job "
-                    f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no details'}). "
+                    f"({type(e).__name__}: {_first_line(e)}). "
                     f"Another process or node failed (see its own log) or the network did; waited at most "
                     f"{args.dist_timeout:g} s (-dist_timeout). Resume with the same command plus --c.") from e
             raise
@@ -147,6 +147,14 @@ def train_distributed(args: argparse.Namespace, env) -> None:
             if args.val_best:
                 trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
             trainer.perform_actual_validation(args.npz)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of a torch.distributed error, without the C++ source location gloo/NCCL put in front."""
+    import re
+
+    lines = str(e).strip().splitlines()
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else "no details"
 
 
 class LostPeerError(RuntimeError):

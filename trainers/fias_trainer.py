@@ -30,11 +30,14 @@ Defaults and why:
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -160,13 +163,46 @@ class FIASTrainer(CAFMonitor, nnUNetTrainer):
     # --------------------------------------------------------------- batch size
     def _set_batch_size_and_oversample(self):
         planned = self.configuration_manager.batch_size
-        fitted, reason = memory_fitted_batch_size(self, planned)
+        if self.is_ddp:
+            # Measured once, on rank 0, and used by every rank: all ranks must split the same global batch (and
+            # the measurement costs CPU time that the other ranks need not spend).
+            result = [memory_fitted_batch_size(self, planned) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(result, src=0, device=self.device if self.device.type == "cuda" else None)
+            fitted, reason = result[0]
+        else:
+            fitted, reason = memory_fitted_batch_size(self, planned)
         if fitted != planned:
             # The ConfigurationManager holds its own copy of the configuration: the plans on disk (and inference)
             # keep the planned batch size; nnU-Net's DDP split below reads this one.
             self.configuration_manager.configuration["batch_size"] = fitted
         self.print_to_log_file(reason)
         super()._set_batch_size_and_oversample()
+
+    # -------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically: into ``filename + '.partial'`` beside it, flushed to disk, then
+        renamed over ``filename``. nnU-Net writes in place, so a job killed during a save (time limit, preemption)
+        leaves a truncated ``checkpoint_latest.pth`` and ``--c`` fails; here the previous checkpoint stays whole.
+        Rank 0 alone writes, as in nnU-Net."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # nnU-Net's own no-op / "checkpointing is disabled" message
+            return
+        partial = filename + ".partial"
+        try:
+            super().save_checkpoint(partial)
+            with open(partial, "r+b") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, filename)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            raise
+        with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not possible on Windows)
+            fd = os.open(os.path.dirname(os.path.abspath(filename)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # ---------------------------------------------------------------- optimizer
     def _amp_active(self) -> bool:
@@ -252,8 +288,10 @@ class FIASTrainer(CAFMonitor, nnUNetTrainer):
         self.print_to_log_file(
             f"Optimizer: AdamW lr {self.initial_lr:g}, betas {tuple(self.betas)}, weight decay {self.weight_decay:g} "
             f"(not on biases/norms), linear warm-up {self._warmup_epochs()} of {self.num_epochs} epochs then poly "
-            f"0.9, gradient clipping at norm {self.grad_clip_norm:g}; batch size {self.batch_size}, "
-            f"{self.num_iterations_per_epoch} iterations per epoch")
+            f"0.9, gradient clipping at norm {self.grad_clip_norm:g}; batch size {self.batch_size}"
+            + (f" per process ({self.configuration_manager.batch_size} over {dist.get_world_size()} processes)"
+               if self.is_ddp else "")
+            + f", {self.num_iterations_per_epoch} iterations per epoch")
         if self._amp_active():
             amp = "on (float16 autocast + GradScaler)"
         elif self.device.type != "cuda":

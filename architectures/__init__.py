@@ -1,21 +1,24 @@
 """FIAS network and its building blocks (standalone: usable outside nnU-Net).
 
 >>> from nnunetv2_fias.architectures import FIAS
->>> net = FIAS(input_channels=1, num_classes=9, preset="T", deep_supervision=False)
->>> net3d = FIAS3d(input_channels=1, num_classes=9, preset="T", deep_supervision=False)  # (B, C, D, H, W)
+>>> net = FIAS(input_channels=1, num_classes=9, preset="T", deep_supervision=False)                # (B, C, H, W)
+>>> net3d = FIAS(input_channels=1, num_classes=9, conv_op=torch.nn.Conv3d, deep_supervision=False)  # (B, C, D, H, W)
 """
-from .attention import dilated_neighborhood_attention
-from .attention3d import (MultiScaleDilatedAttention3d, dilated_neighborhood_attention_3d,
-                          dilated_neighborhood_attention_3d_channels_first)
-from .blocks import CAF_VARIANTS, ContextAwareFusion, MixAttBlock, MonteCarloAttention
+from .attention import (GlobalSelfAttention, MultiScaleDilatedAttention, dilated_neighborhood_attention,
+                        dilated_neighborhood_attention_channels_first)
+from .building_blocks.decoder_blocks import MixAttBlock, MonteCarloAttention
+from .building_blocks.fusion import CAF_VARIANTS, ContextAwareFusion
+from .building_blocks.norms import SafeBatchNorm2d, SafeBatchNorm3d
 from .compat import CheckpointMismatchError
-from .fias import FIAS, FIAS_PRESETS, DualPathEncoder, MixAttDecoder
-from .fias3d import FIAS3d, fias_stage_kernels_from_plan
-from .plans import fias_strides_from_plan
+from .config import FIAS_PRESETS, FIASConfig
+from .decoder import MixAttDecoder
+from .encoder import DualPathEncoder
+from .fias import FIAS, FIAS3d
+from .plans import fias_kwargs_from_plan, fias_stage_kernels_from_plan, fias_strides_from_plan
 from .pretrained import LoadReport, load_dilateformer_weights
 
-__all__ = ["FIAS", "FIAS3d", "FIAS_PRESETS", "CAF_VARIANTS", "CheckpointMismatchError", "ContextAwareFusion",
-           "DualPathEncoder", "MixAttBlock", "LoadReport", "MixAttDecoder", "MonteCarloAttention",
-           "MultiScaleDilatedAttention3d", "dilated_neighborhood_attention", "dilated_neighborhood_attention_3d",
-           "dilated_neighborhood_attention_3d_channels_first", "fias_stage_kernels_from_plan", "fias_strides_from_plan",
-           "load_dilateformer_weights"]
+__all__ = ["FIAS", "FIAS3d", "FIAS_PRESETS", "FIASConfig", "CAF_VARIANTS", "CheckpointMismatchError",
+           "ContextAwareFusion", "DualPathEncoder", "GlobalSelfAttention", "LoadReport", "MixAttBlock",
+           "MixAttDecoder", "MonteCarloAttention", "MultiScaleDilatedAttention", "SafeBatchNorm2d", "SafeBatchNorm3d",
+           "dilated_neighborhood_attention", "dilated_neighborhood_attention_channels_first", "fias_kwargs_from_plan",
+           "fias_stage_kernels_from_plan", "fias_strides_from_plan", "load_dilateformer_weights"]

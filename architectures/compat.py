@@ -1,21 +1,12 @@
-"""Loading FIAS checkpoints: earlier head names map onto today's, and a checkpoint that does not fit says what
-changed (decoder, stem, classes, preset) instead of listing every tensor."""
+"""Loading FIAS checkpoints: one that does not fit says what changed (decoder, stem, classes, preset) instead of
+listing every tensor."""
 from __future__ import annotations
 
 from torch import nn
 
-_OLD_HEAD_NAMES = {"main_head.": "seg_layers.0."} | {f"aux_heads.{i}.": f"seg_layers.{i + 1}." for i in range(3)}
-
 
 class CheckpointMismatchError(RuntimeError):
     """A state dict that does not fit the FIAS network it is loaded into, with what differs in words."""
-
-
-def _renamed(key: str) -> str:
-    for old, new in _OLD_HEAD_NAMES.items():
-        if key.startswith("decoder." + old):
-            return "decoder." + new + key[len("decoder." + old):]
-    return key
 
 
 def _group(keys) -> str:
@@ -26,7 +17,7 @@ def _group(keys) -> str:
 def check_checkpoint_fits(net: nn.Module, state_dict: dict) -> None:
     """Raise :class:`CheckpointMismatchError` naming what changed when ``state_dict`` does not fit ``net`` exactly."""
     own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    theirs = {_renamed(k): tuple(v.shape) for k, v in state_dict.items()}
+    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
     missing = [k for k in own if k not in theirs]
     unexpected = [k for k in theirs if k not in own]
     reshaped = [k for k in own if k in theirs and own[k] != theirs[k]]
@@ -61,13 +52,3 @@ def check_checkpoint_fits(net: nn.Module, state_dict: dict) -> None:
                        f"{list(own[first])})")
     raise CheckpointMismatchError("This checkpoint does not fit the FIAS network built here: " + "; ".join(reasons)
                                   + ". " + "; ".join(details) + ".")
-
-
-def rename_old_heads(module, state_dict, prefix, *args) -> None:
-    """Load checkpoints saved before the heads were named ``seg_layers`` (``main_head``, ``aux_heads.i``)."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
-        for old, new in _OLD_HEAD_NAMES.items():
-            if rest.startswith(old):
-                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
-                break

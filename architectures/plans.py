@@ -1,8 +1,15 @@
-"""FIAS's topology from nnU-Net's plans: the per-axis strides of its five downsamplings."""
+"""FIAS from nnU-Net's plans: the keyword arguments for a planned configuration, 2D or 3D alike."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
+
+from .building_blocks.helpers import get_matching_conv_op, to_ntuple
+from .config import NUM_DOWNSAMPLINGS, NUM_STAGES
+
+
+def _per_axis_list(values: Sequence, ndim: int) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in to_ntuple(ndim)(s)) for s in values]
 
 
 def fias_strides_from_plan(plan_strides: Sequence, patch_size: Sequence[int]) -> tuple[tuple[int, ...], ...]:
@@ -12,17 +19,54 @@ def fias_strides_from_plan(plan_strides: Sequence, patch_size: Sequence[int]) ->
     downsamplings, possibly anisotropic (``[2, 1]``). FIAS takes the first five in order: two for its stems, one
     before each of stages 2-4. A plan with fewer downsamplings (small patches) is completed with 2 along each axis
     whose remaining size is even and 1 elsewhere, so the patch stays divisible and nothing is padded. Square
-    power-of-two plans of 128 and more (or 64 with four downsamplings) give the default ``((2, 2),) * 5``.
+    power-of-two plans of 128 and more (or 64 with four downsamplings) give the default, 2 along every axis.
     """
     patch = [int(p) for p in patch_size]
-    plan = [tuple(int(v) for v in (s if isinstance(s, (list, tuple)) else [s] * len(patch))) for s in plan_strides]
+    plan = _per_axis_list(plan_strides, len(patch))
     if any(len(s) != len(patch) for s in plan):
         raise ValueError(f"plan strides {list(plan_strides)} do not match the {len(patch)}D patch size {patch}")
     downsamplings = plan[1:] if plan and all(v == 1 for v in plan[0]) else plan
-    strides = downsamplings[:5]
+    strides = downsamplings[:NUM_DOWNSAMPLINGS]
     remaining = [p // math.prod(s[a] for s in strides) for a, p in enumerate(patch)]
-    while len(strides) < 5:
+    while len(strides) < NUM_DOWNSAMPLINGS:
         step = tuple(2 if r % 2 == 0 else 1 for r in remaining)
         remaining = [r // st for r, st in zip(remaining, step)]
         strides.append(step)
     return tuple(strides)
+
+
+def fias_stage_kernels_from_plan(plan_kernel_sizes: Sequence | None, plan_strides: Sequence | None,
+                                 ndim: int = 3) -> tuple[tuple[int, ...], ...]:
+    """Per FIAS stage (4), the plan's convolution kernel of the nnU-Net stage at the same resolution.
+
+    FIAS stage ``s`` follows ``s + 2`` downsamplings, as nnU-Net's stage ``s + 2`` does (its first stage, at stride
+    1, is stage 0). Stages the plan does not have get 3 along every axis. FIAS uses depthwise kernels of size 1
+    along the axes where the plan's kernel is 1 (thick slices, where nnU-Net does not convolve across slices).
+    """
+    kernels = _per_axis_list(plan_kernel_sizes or [], ndim)
+    if plan_strides and not all(v == 1 for v in to_ntuple(ndim)(plan_strides[0])):
+        kernels = kernels[:1] + kernels  # no stride-1 input stage: the first listed stage is already downsampled
+    return tuple(kernels[s + 2] if s + 2 < len(kernels) else (3,) * ndim for s in range(NUM_STAGES))
+
+
+def fias_kwargs_from_plan(patch_size: Sequence[int], arch_kwargs: Mapping) -> dict:
+    """The keyword arguments of :class:`~nnunetv2_fias.architectures.FIAS` that an nnU-Net configuration fixes.
+
+    ``patch_size`` is the configuration's patch size and ``arch_kwargs`` its U-Net's ``arch_kwargs``
+    (``ConfigurationManager.network_arch_init_kwargs``). Returns ``conv_op`` (from the patch's dimensionality),
+    ``strides`` (:func:`fias_strides_from_plan`) and ``stage_kernel_sizes`` (:func:`fias_stage_kernels_from_plan`)
+    where the plan lists them. The same code serves 2D and 3D plans: a plan whose kernels are 3 along every axis
+    gives FIAS's isotropic DMK kernels.
+
+    Example:
+        >>> net = FIAS(1, 4, deep_supervision=True, **fias_kwargs_from_plan(cm.patch_size,
+        ...                                                                 cm.network_arch_init_kwargs))
+    """
+    ndim = len(patch_size)
+    kwargs: dict = {"conv_op": get_matching_conv_op(ndim)}
+    if arch_kwargs.get("strides") is not None:
+        kwargs["strides"] = fias_strides_from_plan(arch_kwargs["strides"], patch_size)
+    if arch_kwargs.get("kernel_sizes") is not None:
+        kwargs["stage_kernel_sizes"] = fias_stage_kernels_from_plan(arch_kwargs["kernel_sizes"],
+                                                                    arch_kwargs.get("strides"), ndim)
+    return kwargs

@@ -1,6 +1,7 @@
 """Dilated neighbourhood attention against a plain loop, plus the fp32-logit guarantee under autocast."""
 import pytest
 import torch
+from torch import nn
 
 from nnunetv2_fias.architectures.attention import (GlobalSelfAttention, MultiScaleDilatedAttention,
                                                    dilated_neighborhood_attention)
@@ -86,11 +87,13 @@ def test_logits_and_softmax_are_fp32_under_low_precision_inputs():
     torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("conv_op", [nn.Conv2d, nn.Conv3d], ids=["2d", "3d"])
 @pytest.mark.parametrize("module", ["msda", "global"])
-def test_attention_modules_under_cpu_autocast_match_fp32(module):
+def test_attention_modules_under_cpu_autocast_match_fp32(module, conv_op):
     torch.manual_seed(4)
-    attn = MultiScaleDilatedAttention(24, 3) if module == "msda" else GlobalSelfAttention(24, 3, kv_reduction=2)
-    x = torch.randn(2, 9, 11, 24)
+    attn = (MultiScaleDilatedAttention(24, 3, conv_op=conv_op) if module == "msda" else
+            GlobalSelfAttention(24, 3, kv_reduction=2, conv_op=conv_op))
+    x = torch.randn(2, 9, 11, 24) if conv_op is nn.Conv2d else torch.randn(1, 4, 5, 6, 24)
     ref = attn(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = attn(x)
@@ -106,10 +109,22 @@ def test_bad_arguments_raise():
         dilated_neighborhood_attention(q, q, q, dilation=0)
     with pytest.raises(ValueError, match="shape"):
         dilated_neighborhood_attention(q[0], q[0], q[0])
-    with pytest.raises(ValueError, match="num_heads=4 must be divisible by the number of dilation rates 3"):
-        MultiScaleDilatedAttention(24, 4, dilations=(1, 2, 3))
+
+
+@pytest.mark.parametrize("conv_op", [nn.Conv2d, nn.Conv3d], ids=["2d", "3d"])
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_heads=4, dilations=(1, 2, 3)), "num_heads=4 must be divisible by the number of dilation rates 3"),
+    (dict(num_heads=5, dilations=(1,)), "num_heads=5 must divide the channel width 24"),
+    (dict(num_heads=3, dilations=(1, 0, 2)), "dilations"),
+    (dict(num_heads=3, dilations=()), "dilations"),
+    (dict(num_heads=3, kernel_size=2), "kernel_size"),
+    (dict(num_heads=3, kernel_size=(1, 2, 3)), "kernel_size"),
+])
+def test_attention_modules_check_their_arguments_when_built(conv_op, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiScaleDilatedAttention(24, conv_op=conv_op, **kwargs)
     with pytest.raises(ValueError, match="num_heads=5 must divide the channel width 24"):
-        GlobalSelfAttention(24, 5)
+        GlobalSelfAttention(24, 5, conv_op=conv_op)
 
 
 def test_msda_module_matches_per_group_unfold_reference_with_gradients():

@@ -1,5 +1,6 @@
-"""FIAS-3D: shapes on anisotropic volumes, gradients, nnU-Net's 3D deep-supervision targets, strides and kernels from
-3D plans, batch 1 at a 1x1x1 stage, checkpointing, and FIASTrainer's dispatch on the configuration."""
+"""What only FIAS-3D has: nnU-Net's 3D deep-supervision targets, strides and kernels from 3D plans, 3D operations
+throughout, and FIASTrainer's 3D configurations. (Shapes, gradients, compile, checkpointing and batch 1 are tested for
+2D and 3D alike in test_network.py and test_network_memory.py.)"""
 from __future__ import annotations
 
 import copy
@@ -10,15 +11,12 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunetv2_fias.architectures import FIAS, FIAS3d, fias_stage_kernels_from_plan, fias_strides_from_plan
-from nnunetv2_fias.architectures.blocks import BatchNorm3d, GlobalSelfAttention3d, MonteCarloAttention
+from nnunetv2_fias.architectures import (FIAS, FIAS3d, GlobalSelfAttention, SafeBatchNorm3d,
+                                         fias_stage_kernels_from_plan, fias_strides_from_plan)
 from nnunetv2_fias.trainers import FIASTrainer
 from nnunetv2_fias.trainers.batch_fit import measurement_patch
 
-TINY = dict(widths=(12, 24, 48, 96), global_depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), local_depths=(1, 1, 1, 1))
-ANISO = ((1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 2, 2))
-# Total stride 2 x 8 x 16: small volumes reach a 1x1x1 stage (and keep the tests fast on the CPU).
-SMALL = ((1, 2, 2), (2, 2, 2), (1, 2, 2), (1, 1, 2), (1, 1, 1))
+from tiny_fias import TINY, make_tiny
 
 
 class TinyFIASTrainer(FIASTrainer):
@@ -26,39 +24,7 @@ class TinyFIASTrainer(FIASTrainer):
 
 
 def tiny(**kwargs):
-    return FIAS3d(1, 3, deep_supervision=True, **{**TINY, **kwargs})
-
-
-def _step(net, x, seed=1):
-    torch.manual_seed(seed)  # same drop-path and Monte Carlo draws
-    net.zero_grad(set_to_none=True)
-    outs = net(x)
-    sum(o.square().mean() for o in outs).backward()
-    return [o.detach() for o in outs]
-
-
-@pytest.mark.parametrize("patch,strides", [((4, 32, 64), ANISO), ((6, 16, 32), SMALL), ((5, 12, 20), SMALL),
-                                           ((3, 8, 16), SMALL)])
-def test_shapes_on_anisotropic_patches_with_and_without_deep_supervision(patch, strides):
-    net = tiny(strides=strides).eval()
-    expected = net.output_sizes(patch)
-    with torch.no_grad():
-        outs = net(torch.randn(2, 1, *patch))
-        assert [tuple(o.shape) for o in outs] == [(2, 3, *s) for s in expected]
-        assert expected[0] == patch
-        net.decoder.deep_supervision = False
-        main = net(torch.randn(2, 1, *patch))
-    assert main.shape == (2, 3, *patch)
-
-
-def test_every_parameter_gets_a_gradient_with_and_without_deep_supervision():
-    for ds in (True, False):
-        net = tiny(strides=SMALL, caf_variant="concat", stage_kernel_sizes=((1, 3, 3),) + ((3, 3, 3),) * 3).train()
-        net.decoder.deep_supervision = ds
-        outs = net(torch.randn(2, 1, 4, 16, 32))
-        sum(o.mean() for o in (outs if ds else [outs])).backward()
-        missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-        assert not missing, (ds, missing)
+    return make_tiny(nn.Conv3d, **kwargs)
 
 
 def test_deep_supervision_scales_match_nnunets_3d_targets_exactly():
@@ -97,69 +63,11 @@ def test_3d_blocks_are_the_3d_operations():
     net = tiny()
     convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
     assert convs and all(isinstance(m, nn.Conv3d) for m in convs)
-    assert all(isinstance(m, BatchNorm3d) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    assert isinstance(net.encoder.global_branch.stages[2][0].attn, GlobalSelfAttention3d)
-    assert net.decoder.stages[0].mc_attn.ndim == 3
-
-
-def test_monte_carlo_attention_over_3d_positions():
-    mc = MonteCarloAttention(8, (1, 2), ndim=3)
-    x = torch.randn(2, 8, 4, 6, 6)
-    mc.eval()
-    torch.testing.assert_close(mc.descriptor(x), x.mean((2, 3, 4)))
-    mc.train()
-    assert mc(x).shape == x.shape
-
-
-@pytest.mark.parametrize("size", [(2, 8, 16), (1, 1, 1), (4, 16, 16)])
-def test_batch_one_trains_when_a_stage_is_1x1x1(size):
-    net = tiny(strides=SMALL).train()
-    outs = net(torch.randn(1, 1, *size))
-    sum(o.mean() for o in outs).backward()
-    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
-
-
-def test_checkpointing_changes_nothing_but_memory_in_3d(monkeypatch):
-    import nnunetv2_fias.architectures.checkpointing as checkpointing
-
-    monkeypatch.setattr(checkpointing, "CHECKPOINT_MIN_POSITIONS", 1)  # small test maps: checkpoint them all
-    torch.manual_seed(0)
-    plain = tiny(checkpoint_stages=(), drop_path_rate=0.2, strides=SMALL)
-    ckpt = tiny(checkpoint_stages=(0, 1, 2, 3), drop_path_rate=0.2, strides=SMALL)
-    ckpt.load_state_dict(plain.state_dict())
-    plain.train(), ckpt.train()
-    x = torch.randn(2, 1, 4, 16, 32)
-    for _ in range(2):
-        for a, b in zip(_step(plain, x), _step(ckpt, x)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
-    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    assert int(ckpt.encoder.local_branch.stages[0][0].expand[1].num_batches_tracked) == 2
-
-
-def test_fullgraph_compile_has_no_graph_breaks_in_3d():
-    # nnU-Net compiles the network on CUDA by default. One MSDA stage: tracing its offsets is most of the time.
-    # A fresh dynamo cache, as in a training process: 2D and 3D FIAS share their forward code, and a second shape
-    # seen by the same code would make dynamo recompile it with dynamic shapes.
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    net = tiny(strides=SMALL, msda_stages=(0,)).train()
-    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 1, 4, 16, 32)
-    sum(o.mean() for o in compiled(x)).backward()
-    net.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x)[0], net(x)[0], rtol=1e-4, atol=1e-4)
-
-
-def test_bad_input_raises():
-    net = tiny()
-    with pytest.raises(ValueError, match=r"3D network.*2D patch"):
-        net(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="expected 1 input channels, got 2"):
-        net(torch.randn(1, 2, 2, 8, 16))
+    assert all(isinstance(m, SafeBatchNorm3d) for m in net.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert isinstance(net.encoder.global_branch.stages[2][0].attn, GlobalSelfAttention)
+    assert net.encoder.global_branch.stages[0][0].attn.kernel_size == (3, 3, 3)
+    assert net.decoder.stages[0].mc_attn.ndim == 3 and net.interpolation == "trilinear"
 
 
 def _plans(patch, strides, kernels) -> dict:
@@ -186,7 +94,7 @@ def test_trainer_dispatches_3d_configurations_to_fias3d():
     pm = PlansManager(_plans((16, 64, 64), strides, kernels))
     for configuration in ("3d_fullres", "3d_lowres", "3d_cascade_fullres"):
         net = TinyFIASTrainer.build_network_architecture(pm, pm.get_configuration(configuration), 2, 4, True)
-        assert type(net) is FIAS3d and net.input_channels == 2
+        assert isinstance(net, FIAS) and net.ndim == 3 and net.input_channels == 2
         assert net.strides == ((1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
         assert net.stage_kernel_sizes[0] == (3, 3, 3)
     # Inference builds on the class without deep supervision and loads the training checkpoint strictly.
@@ -197,9 +105,16 @@ def test_trainer_dispatches_3d_configurations_to_fias3d():
         TinyFIASTrainer.build_network_architecture(pm, pm.get_configuration("4d"), 1, 2, True)
 
 
-def test_2d_network_unchanged_by_the_3d_options():
+def test_fias3d_is_fias_with_3d_operations_and_2d_is_the_default():
     net = FIAS(1, 3, **TINY)
     assert all(isinstance(m, nn.Conv2d) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    torch.manual_seed(0)
+    alias = FIAS3d(1, 3, **TINY)
+    torch.manual_seed(0)
+    plain = FIAS(1, 3, conv_op=nn.Conv3d, **TINY)
+    assert alias.ndim == plain.ndim == 3
+    for (name, a), b in zip(alias.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_measurement_patch_for_large_3d_patches():

@@ -1,18 +1,19 @@
 """FIAS's training-memory measures and the cases nnU-Net's GPU path meets: activation checkpointing, batch 1 at a
 1x1 stage, the official DilateFormer stem, and the heads' names that nnU-Net's fine-tuning relies on."""
-import copy
-
 import pytest
 import torch
+from torch import nn
 
-from nnunetv2_fias.architectures import FIAS
-from nnunetv2_fias.architectures.blocks import BatchNorm2d
+from nnunetv2_fias.architectures import FIAS, SafeBatchNorm2d
+from tiny_fias import conv_op, make_tiny, tiny_fias  # noqa: F401 (fixtures)
 
-TINY = dict(widths=(12, 24, 48, 96), global_depths=(1, 2, 1, 1), num_heads=(3, 3, 6, 6), local_depths=(2, 1, 1, 1))
+# Two blocks in stage 2 (global) and stage 1 (local): checkpointing recomputes block after block.
+DEEPER = dict(global_depths=(1, 2, 1, 1), local_depths=(2, 1, 1, 1))
+TINY = dict(widths=(12, 24, 48, 96), num_heads=(3, 3, 6, 6), **DEEPER)
 
 
 def tiny(**kwargs):
-    return FIAS(1, 3, deep_supervision=True, **{**TINY, **kwargs})
+    return make_tiny(**{**DEEPER, **kwargs})
 
 
 def _step(net, x, seed=1):
@@ -23,16 +24,16 @@ def _step(net, x, seed=1):
     return [o.detach() for o in outs]
 
 
-def test_checkpointing_changes_nothing_but_memory(monkeypatch):
+def test_checkpointing_changes_nothing_but_memory(monkeypatch, tiny_fias):
     import nnunetv2_fias.architectures.checkpointing as checkpointing
 
     monkeypatch.setattr(checkpointing, "CHECKPOINT_MIN_POSITIONS", 1)  # small test maps: checkpoint them all
     torch.manual_seed(0)
-    plain = tiny(checkpoint_stages=(), drop_path_rate=0.2)
-    ckpt = tiny(checkpoint_stages=(0, 1, 2, 3), drop_path_rate=0.2)
+    plain = tiny_fias(checkpoint_stages=(), drop_path_rate=0.2, **DEEPER)
+    ckpt = tiny_fias(checkpoint_stages=(0, 1, 2, 3), drop_path_rate=0.2, **DEEPER)
     ckpt.load_state_dict(plain.state_dict())
     plain.train(), ckpt.train()
-    x = torch.randn(2, 1, 48, 64)
+    x = tiny_fias.input()
     for _ in range(2):
         for a, b in zip(_step(plain, x), _step(ckpt, x)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -77,16 +78,17 @@ def test_default_is_checkpointing_the_two_fine_stages():
         FIAS(1, 2, checkpoint_stages=(4,))
 
 
-@pytest.mark.parametrize("size", [(32, 32), (16, 24), (1, 1)])
-def test_batch_one_trains_when_a_stage_is_1x1(size):
-    net = tiny().train()
+@pytest.mark.parametrize("op, size", [(nn.Conv2d, (32, 32)), (nn.Conv2d, (16, 24)), (nn.Conv2d, (1, 1)),
+                                      (nn.Conv3d, (2, 8, 16)), (nn.Conv3d, (1, 1, 1)), (nn.Conv3d, (4, 16, 16))])
+def test_batch_one_trains_when_a_stage_is_1x1(op, size):
+    net = make_tiny(op, **DEEPER).train()
     outs = net(torch.randn(1, 1, *size))
     sum(o.mean() for o in outs).backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
 def test_batchnorm_single_value_uses_running_statistics_and_keeps_them():
-    bn = BatchNorm2d(4).train()
+    bn = SafeBatchNorm2d(4).train()
     bn.running_mean.fill_(1.0)
     bn.running_var.fill_(4.0)
     x = torch.full((1, 4, 1, 1), 3.0)
@@ -105,24 +107,10 @@ def test_official_dilateformer_stem_layout():
     assert FIAS(1, 2, stem_width=8).encoder.global_branch.stem[0][0].out_channels == 8
 
 
-def test_heads_are_seg_layers_and_old_names_still_load():
-    net = tiny()
-    heads = [k for k in net.state_dict() if ".seg_layers." in "." + k]
+def test_heads_are_seg_layers():
+    heads = [k for k in tiny().state_dict() if ".seg_layers." in "." + k]
     # nnU-Net's -pretrained_weights skips exactly the keys containing ".seg_layers.": all head tensors, no others.
     assert sorted(heads) == sorted(f"decoder.seg_layers.{i}.{p}" for i in range(4) for p in ("weight", "bias"))
-    old = {}
-    for key, value in net.state_dict().items():
-        key = key.replace("seg_layers.0.", "main_head.")
-        for i in range(3):
-            key = key.replace(f"seg_layers.{i + 1}.", f"aux_heads.{i}.")
-        old[key] = value.clone()
-    assert "decoder.main_head.weight" in old and "decoder.aux_heads.2.bias" in old
-    fresh = tiny()
-    fresh.load_state_dict(old)  # strict
-    for key, value in net.state_dict().items():
-        torch.testing.assert_close(fresh.state_dict()[key], value)
-    wrapped = torch.nn.Sequential(copy.deepcopy(fresh))  # also under a prefix
-    wrapped.load_state_dict({"0." + k: v for k, v in old.items()})
 
 
 def test_checkpoint_that_no_longer_fits_names_what_changed():

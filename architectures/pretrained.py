@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -125,10 +126,10 @@ def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
     sd = {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k): v for k, v in sd.items()}
     missing = [k for k in _SIGNATURE if not isinstance(sd.get(k), torch.Tensor)]
     if missing:
-        hint = (" (an nnU-Net checkpoint: fine-tune from it with nnUNetv2_train ... -pretrained_weights)"
-                if "network_weights" in obj else "")
+        if _NNUNET_KEYS <= set(obj):
+            raise ValueError(_nnunet_checkpoint_message(source))
         shown = ", ".join(map(str, list(obj)[:6])) + (", ..." if len(obj) > 6 else "")
-        raise ValueError(f"{source} is not a DilateFormer checkpoint: it has no '{missing[0]}'{hint} "
+        raise ValueError(f"{source} is not a DilateFormer checkpoint: it has no '{missing[0]}' "
                          f"(top-level keys: {shown or 'none'})")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
@@ -145,23 +146,77 @@ def read_dilateformer_checkpoint(path: str | os.PathLike) -> dict[str, torch.Ten
         raise IsADirectoryError(f"DilateFormer checkpoint {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DilateFormer checkpoint {path} does not exist")
+    not_torch = _not_a_torch_file(path)
+    if not_torch:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({not_torch})")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 114" in random bytes
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and permission errors alike: the user needs the file and the cause
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_cause(e)})") from e
+        # An nnU-Net checkpoint holds numpy scalars, which weights-only loading refuses; say what the file is.
+        if _NNUNET_KEYS <= _pickled_strings(path):
+            raise ValueError(_nnunet_checkpoint_message(path)) from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_cause(e)})") from None
     return _unwrap(obj, path)
 
 
+# Top-level keys of the checkpoints nnUNetv2_train writes (checkpoint_final.pth, _best, _latest).
+_NNUNET_KEYS = frozenset({"network_weights", "trainer_name"})
+
+
+def _nnunet_checkpoint_message(source: str) -> str:
+    return (f"{source} is an nnU-Net training checkpoint (it holds network_weights and trainer_name), not "
+            "DilateFormer's ImageNet weights: to start a training from it, pass it to nnUNetv2_train ... "
+            "-pretrained_weights (with -tr FIASTrainer, not an ImageNet variant); nnUNet_FIAS_pretrained takes the "
+            "official DilateFormer file")
+
+
+def _not_a_torch_file(path: str) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file (zip archive, or a pickle in the legacy format), else None."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    if not head:
+        return "the file is empty"
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # the zip format, or the pickle protocol marker
+        return None
+    return "neither torch.save's zip format nor a pickle: an unrelated or damaged file"
+
+
+def _pickled_strings(path: str) -> set[str]:
+    """The strings in a zip-format checkpoint's pickle, read with ``pickletools`` (nothing is unpickled)."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+            data = z.read(name)
+        return {arg for op, arg, _ in pickletools.genops(data) if "UNICODE" in op.name and isinstance(arg, str)}
+    except Exception:  # not a zip checkpoint, or a damaged one: nothing to recognise
+        return set()
+
+
 def _cause(error: Exception) -> str:
-    """One line on why ``torch.load`` failed (its weights-only messages are a page long)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """One line on why ``torch.load`` failed (its weights-only messages are a page long, and their advice to load
+    with ``weights_only=False`` is wrong for a file that is not a checkpoint at all)."""
+    text = str(error)
     if isinstance(error, EOFError):
         return "the file is empty or truncated"
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if refused:
         return (f"it holds a {refused.group(1)}, which weights-only loading refuses; save the state dict alone, "
                 "e.g. torch.save(checkpoint['model'], path)")
+    if "Weights only load failed" in text or isinstance(error, pickle.UnpicklingError):
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return "its pickle is damaged or not a checkpoint" + (f": {detail.group(1).strip()}" if detail else "")
+    lines = [line.split("  (Could this error message be improved?")[0].strip() for line in text.splitlines()
+             if line.strip()]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
@@ -264,30 +319,19 @@ def _bare(net: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def load_dilateformer_weights(net: nn.Module, path_or_state_dict: str | os.PathLike | Mapping,
-                              source: str | None = None) -> LoadReport:
-    """Copy an official DilateFormer ImageNet checkpoint into the global branch of the FIAS network ``net``.
-
-    Args:
-        net: a :class:`~nnunetv2_fias.architectures.FIAS` (DDP / torch.compile wrappers are looked through).
-        path_or_state_dict: the checkpoint file, or its content (``{'model': sd}`` or ``sd``; ``module.`` prefixes
-            are stripped).
-        source: how the report and errors name the checkpoint (default: the path, or "the state dict").
-
-    Returns:
-        A :class:`LoadReport`. See the module docstring for the mapping and the input-channel rule.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: unreadable file, not a DilateFormer checkpoint, another model size than the network's (the
-            message names both), or a tensor whose shape does not fit. The network is unchanged then.
-    """
+def _read(path_or_state_dict, source: str | None) -> tuple[str, dict[str, torch.Tensor]]:
     if isinstance(path_or_state_dict, Mapping):
         source = source or "the state dict"
-        sd = _unwrap(path_or_state_dict, source)
-    else:
-        source = source or os.fspath(path_or_state_dict)
-        sd = read_dilateformer_checkpoint(path_or_state_dict)
+        return source, _unwrap(path_or_state_dict, source)
+    source = source or os.fspath(path_or_state_dict)
+    return source, read_dilateformer_checkpoint(path_or_state_dict)
+
+
+def _transfer_plan(net: nn.Module, sd: Mapping[str, torch.Tensor], source: str):
+    """Every check of :func:`load_dilateformer_weights` and what it would copy; raises ``ValueError`` on a misfit.
+
+    Nothing is copied: the plan pairs each target tensor with its value.
+    """
     fias = _bare(net)
     branch = getattr(getattr(fias, "encoder", None), "global_branch", None)
     if branch is None:
@@ -329,13 +373,46 @@ def load_dilateformer_weights(net: nn.Module, path_or_state_dict: str | os.PathL
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ValueError(f"{source}: {layout.describe()} does not fit the network: {'; '.join(problems[:3])}{more}")
+    skipped = [(k, "ImageNet classifier: FIAS has segmentation heads instead" if k.startswith("head.")
+                else "no counterpart in FIAS") for k in sd if k not in used]
+    return plan, LoadReport(source, layout, tuple(loaded), tuple(adapted), tuple(skipped), tuple(not_pretrained))
 
+
+def check_dilateformer_weights(net: nn.Module, path_or_state_dict: str | os.PathLike | Mapping,
+                               source: str | None = None) -> None:
+    """Every check :func:`load_dilateformer_weights` makes, without copying anything.
+
+    Only keys and shapes are compared and ``net`` is left unchanged, so a trainer can check a checkpoint against a
+    copy of its network before it writes anything. Raises as :func:`load_dilateformer_weights` does.
+    """
+    source, sd = _read(path_or_state_dict, source)
+    _transfer_plan(net, sd, source)
+
+
+def load_dilateformer_weights(net: nn.Module, path_or_state_dict: str | os.PathLike | Mapping,
+                              source: str | None = None) -> LoadReport:
+    """Copy an official DilateFormer ImageNet checkpoint into the global branch of the FIAS network ``net``.
+
+    Args:
+        net: a :class:`~nnunetv2_fias.architectures.FIAS` (DDP / torch.compile wrappers are looked through).
+        path_or_state_dict: the checkpoint file, or its content (``{'model': sd}`` or ``sd``; ``module.`` prefixes
+            are stripped).
+        source: how the report and errors name the checkpoint (default: the path, or "the state dict").
+
+    Returns:
+        A :class:`LoadReport`. See the module docstring for the mapping and the input-channel rule.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unreadable file, not a DilateFormer checkpoint, another model size than the network's (the
+            message names both), or a tensor whose shape does not fit. The network is unchanged then.
+    """
+    source, sd = _read(path_or_state_dict, source)
+    plan, report = _transfer_plan(net, sd, source)
     with torch.no_grad():
         for target, value in plan:
             target.copy_(value)
-    skipped = [(k, "ImageNet classifier: FIAS has segmentation heads instead" if k.startswith("head.")
-                else "no counterpart in FIAS") for k in sd if k not in used]
-    return LoadReport(source, layout, tuple(loaded), tuple(adapted), tuple(skipped), tuple(not_pretrained))
+    return report
 
 
 def layout_of_preset(preset: str, overrides: Mapping | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -345,5 +422,6 @@ def layout_of_preset(preset: str, overrides: Mapping | None = None) -> tuple[tup
     return (tuple(overrides.get("widths", cfg["widths"])), tuple(overrides.get("global_depths", cfg["global_depths"])))
 
 
-__all__ = ["DILATEFORMER_SIZES", "DilateFormerLayout", "LoadReport", "Transfer", "check_layout", "dilateformer_layout",
+__all__ = ["DILATEFORMER_SIZES", "DilateFormerLayout", "LoadReport", "Transfer", "check_dilateformer_weights",
+           "check_layout", "dilateformer_layout",
            "layout_of_preset", "load_dilateformer_weights", "read_dilateformer_checkpoint"]

@@ -286,7 +286,7 @@ def test_files_that_are_not_dilateformer_checkpoints(tmp_path, tiny_checkpoint):
         load_dilateformer_weights(tiny_fias(), text)
     nnunet = tmp_path / "checkpoint_final.pth"
     torch.save({"network_weights": tiny_fias().state_dict(), "trainer_name": "FIASTrainer"}, nnunet)
-    with pytest.raises(ValueError, match=re.escape(f"{nnunet} is not a DilateFormer checkpoint")) as err:
+    with pytest.raises(ValueError, match=re.escape(f"{nnunet} is an nnU-Net training checkpoint")) as err:
         load_dilateformer_weights(tiny_fias(), nnunet)
     assert "-pretrained_weights" in str(err.value)
     listed = tmp_path / "list.pth"
@@ -361,3 +361,66 @@ def test_trainer_loads_the_checkpoint_in_initialize_and_logs_the_report(root, tm
     assert f"from {path}" in log and "RGB weights summed" in log and "head.weight, head.bias" in log
     assert (results / DATASET_NAME).is_dir()
     assert math.isclose(trainer.initial_lr, 3e-4)  # FIASTrainer's schedule, unchanged
+
+
+# ------------------------------------------------------------------------------- what a new user hit (issue 21)
+def _nnunet_training_checkpoint(path, network_weights) -> None:
+    """The keys nnUNetTrainer.save_checkpoint writes, with the numpy scalars its logger holds."""
+    import numpy as np
+
+    torch.save({"network_weights": network_weights, "optimizer_state": {}, "grad_scaler_state": None,
+                "logging": {"mean_fg_dice": [np.float64(0.5)], "ema_fg_dice": [np.float64(0.4)]},
+                "_best_ema": np.float64(0.4), "current_epoch": 3,
+                "init_args": {"plans": {}, "configuration": "2d", "fold": 0, "dataset_json": {},
+                              "device": torch.device("cpu")},
+                "trainer_name": "FIASTrainer", "inference_allowed_mirroring_axes": (0, 1)}, path)
+
+
+def test_random_bytes_are_not_a_checkpoint_and_no_weights_only_advice(tmp_path):
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    for name, content in (("random.pth", noise), ("random_pickle.pth", b"\x80" + noise)):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"{path} is not a readable PyTorch checkpoint")) as err:
+            load_dilateformer_weights(tiny_fias(), path)
+        assert "weights_only" not in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_nnunet_checkpoint_gets_the_fine_tuning_hint(tmp_path, root, monkeypatch):
+    path = tmp_path / "checkpoint_final.pth"
+    _nnunet_training_checkpoint(path, tiny_fias().state_dict())
+    with pytest.raises(ValueError, match=re.escape(f"{path} is an nnU-Net training checkpoint")) as err:
+        load_dilateformer_weights(tiny_fias(), path)
+    assert "-pretrained_weights" in str(err.value) and "checkpoint['model']" not in str(err.value)
+    results = tmp_path / "results"
+    monkeypatch.setenv("nnUNet_results", str(results))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
+    monkeypatch.setenv(ENV, str(path))
+    with pytest.raises(ValueError, match=r"nnUNet_FIAS_pretrained: .* is an nnU-Net training checkpoint.*"
+                                         r"-pretrained_weights"):
+        _construct(FIASTrainer_ImageNet, root, results)
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("defect", ["wrong_shape", "missing_key", "wrong_stem_channels"])
+def test_trainer_refuses_a_misfitting_checkpoint_before_writing_anything(root, tmp_path, monkeypatch,
+                                                                        tiny_checkpoint, defect):
+    bad = dict(tiny_checkpoint)
+    if defect == "wrong_shape":
+        bad["stages.1.blocks.0.mlp.fc1.weight"] = torch.randn(7, 24)
+    elif defect == "missing_key":
+        del bad["stages.3.blocks.0.mlp.fc2.bias"]
+    else:
+        bad["patch_embed.proj.0.weight"] = torch.randn(16, 2, 3, 3)
+    path = tmp_path / "variant.pth"
+    torch.save({"model": bad}, path)
+    results = tmp_path / "results"
+    monkeypatch.setenv("nnUNet_results", str(results))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
+    monkeypatch.setenv(ENV, str(path))
+    cls = type("TinyImageNetTrainer", (FIASTrainer_ImageNet,), {"fias_overrides": TINY})
+    with pytest.raises(ValueError, match=r"TinyImageNetTrainer: nnUNet_FIAS_pretrained=.* does not fit the network"):
+        _construct(cls, root, results)
+    assert not results.exists()

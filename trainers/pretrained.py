@@ -18,8 +18,11 @@ import os
 
 import torch
 
-from nnunetv2_fias.architectures.pretrained import (DILATEFORMER_SIZES, check_layout, dilateformer_layout,
-                                                    layout_of_preset, load_dilateformer_weights,
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_fias.architectures.pretrained import (DILATEFORMER_SIZES, check_dilateformer_weights, check_layout,
+                                                    dilateformer_layout, layout_of_preset, load_dilateformer_weights,
                                                     read_dilateformer_checkpoint)
 
 from .fias_trainer import FIASTrainer
@@ -44,6 +47,7 @@ class FIASTrainer_ImageNet(FIASTrainer):
                              f"'{configuration}' is {len(patch)}D; train it with FIASTrainer (FIAS-3D starts from "
                              f"its own initialisation), or use -c 2d.")
         self._imagenet_source, self._imagenet_weights = self._read_imagenet_checkpoint()
+        self._check_imagenet_fit(plans, configuration, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
 
     @classmethod
@@ -65,6 +69,22 @@ class FIASTrainer_ImageNet(FIASTrainer):
         check_layout(dilateformer_layout(state_dict), widths, depths, source, f"the network of {cls.__name__}",
                      suggest=lambda preset: f"-tr {_TRAINER_FOR_PRESET[preset]}")
         return path, state_dict
+
+    def _check_imagenet_fit(self, plans: dict, configuration: str, dataset_json: dict) -> None:
+        """Every tensor's key and shape against the network this trainer will build, before anything is written
+        (``initialize`` runs after nnU-Net has created the fold's folder and log)."""
+        plans_manager = PlansManager(plans)
+        config = plans_manager.get_configuration(configuration)
+        channels = determine_num_input_channels(plans_manager, config, dataset_json)
+        heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        # A throw-away CPU copy (FIAS's constructor computes values, so the meta device cannot build it); the
+        # trainer builds its own in initialize().
+        net = self.build_network_architecture(plans_manager, config, channels, heads, False)
+        source = f"{PRETRAINED_ENV}={self._imagenet_source}"
+        try:
+            check_dilateformer_weights(net, self._imagenet_weights, source=source)
+        except ValueError as e:
+            raise ValueError(f"{self.__class__.__name__}: {e}") from None
 
     def initialize(self):
         super().initialize()

@@ -10,7 +10,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_env import planned_thin_dataset, tiny_fias_overrides
-from nnunetv2_fias.architectures import FIAS, fias_strides_from_plan
+from nnunetv2_fias.architectures import FIAS, fias_kwargs_from_plan, fias_strides_from_plan
 from nnunetv2_fias.trainers import FIASTrainer
 
 pytestmark = pytest.mark.timeout(300)
@@ -120,3 +120,25 @@ def test_full_resolution_decoder_sees_the_stems_features():
         net(torch.randn(1, 1, 32, 64))
     # half resolution: skip from the stem's 32-channel layer; full resolution: its 16-channel first layer
     assert shapes == [((1, 32, 16, 32), (1, 32, 16, 32)), ((1, 16, 32, 64), (1, 16, 32, 64))]
+
+
+@pytest.mark.parametrize("patch, strides, kernels, conv_op", [
+    ((16, 72), [[1, 1], [2, 1], [2, 2], [1, 2], [1, 2]], [[3, 3]] * 5, torch.nn.Conv2d),
+    ((16, 64, 64), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]],
+     torch.nn.Conv3d),
+])
+def test_one_plan_mapping_for_2d_and_3d(patch, strides, kernels, conv_op):
+    kwargs = fias_kwargs_from_plan(patch, {"strides": strides, "kernel_sizes": kernels})
+    assert kwargs["conv_op"] is conv_op and kwargs["strides"] == fias_strides_from_plan(strides, patch)
+    torch.manual_seed(0)
+    net = FIAS(1, 2, deep_supervision=True, **{**TINY, **kwargs})
+    assert all(p % d == 0 for p, d in zip(patch, net.size_divisor))
+    if conv_op is torch.nn.Conv2d:
+        # A 2D plan convolves 3x3 everywhere: the same network as without the plan's kernels, bit for bit.
+        torch.manual_seed(0)
+        plain = FIAS(1, 2, deep_supervision=True, strides=kwargs["strides"], **TINY)
+        for (name, a), b in zip(net.state_dict().items(), plain.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    else:
+        assert net.stage_kernel_sizes[0] == (3, 3, 3)  # FIAS stage 1 is the plan's third stage
+    assert [tuple(o.shape[2:]) for o in net(torch.randn(1, 1, *patch))] == net.output_sizes(patch)

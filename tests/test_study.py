@@ -261,8 +261,9 @@ def killed_and_finished(study_env, tmp_path_factory):
     plans_mtime = (root / "preprocessed" / DATASET_NAME / "nnUNetPlans.json").stat().st_mtime_ns
     status = _study("status", str(study), env=env, timeout=300)
     rerun = _study("run", str(study), *STUDY_ARGS, env=env)
+    final_status = _study("status", str(study), env=env, timeout=300).stdout
     return dict(root=root, env=env, study=study, fold=fold, first=first, status=status, rerun=rerun,
-                done_before=done_before, plans_mtime=plans_mtime)
+                done_before=done_before, plans_mtime=plans_mtime, final_status=final_status)
 
 
 def test_killed_study_resumes_without_redoing_finished_work(killed_and_finished):
@@ -280,8 +281,7 @@ def test_killed_study_resumes_without_redoing_finished_work(killed_and_finished)
     for tr in (FIAS_TR, BASE_TR):
         for f in (0, 1):
             assert (k["fold"](tr, f) / "checkpoint_final.pth").is_file()
-    final = _study("status", str(k["study"]), env=k["env"], timeout=300).stdout
-    assert final.strip().splitlines()[-1] == "8 done", final
+    assert k["final_status"].strip().splitlines()[-1] == "8 done", k["final_status"]
 
 
 def re_line(text: str, start: str) -> str:
@@ -327,6 +327,7 @@ def test_report_regenerates_with_another_reference(killed_and_finished):
     comparison = json.loads((k["study"] / "comparison.json").read_text())
     assert comparison["reference"] == f"{BASE_TR}__nnUNetPlans"
     assert list(comparison["test"]["paired"]) == [f"{FIAS_TR}__nnUNetPlans"]
+    assert _study("report", str(k["study"]), env=k["env"], timeout=300).returncode == 0  # back to the default
 
 
 def test_another_grid_or_an_unplanned_configuration_is_refused(killed_and_finished, tmp_path):

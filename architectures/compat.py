@@ -26,14 +26,13 @@ def check_checkpoint_fits(net: nn.Module, state_dict: dict) -> None:
     reasons = []
     if any(k.startswith("decoder.stem_stages.") for k in missing):
         reasons.append("the checkpoint has no full-resolution decoder stages: it was trained with "
-                       "full_resolution_decoder=False (or by a version without them); build the network that way")
+                       "full_resolution_decoder=False; build the network that way")
     if any(k.startswith("decoder.stem_stages.") for k in unexpected):
         reasons.append("the checkpoint has full-resolution decoder stages, this network has none "
                        "(full_resolution_decoder=False)")
     if any(k.startswith("encoder.global_branch.stem.") for k in missing + unexpected + reshaped):
         reasons.append("the global branch's stem differs: this network uses DilateFormer's official stem "
-                       f"(stem_width={net.encoder.stem_channels[0]}); checkpoints of FIAS versions with the earlier "
-                       "C/2-wide stem cannot be loaded")
+                       f"(stem_width={net.encoder.stem_channels[0]}); build it with the checkpoint's stem_width")
     head = "decoder.seg_layers.1.weight"
     if head in own and head in theirs and own[head][0] != theirs[head][0]:
         reasons.append(f"the number of output channels differs (checkpoint {theirs[head][0]}, network "

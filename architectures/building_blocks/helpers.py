@@ -99,7 +99,7 @@ def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
 
     On CPU (oneDNN), 2D maps of at least 16x16 run channels-last (depthwise and dense convolutions are faster there,
     small maps are much slower; docs/benchmarks.md); other devices keep the layout they get. Volumes stay in the
-    layout they come in (no copy; not measured).
+    layout they come in (no copy).
     """
     if x.ndim == 5:
         return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else \

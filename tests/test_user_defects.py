@@ -198,3 +198,52 @@ def test_benchmark_small_patch_measures_fias_alone(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     assert benchmark.main(["--skip-timing", "--patch", "3", "3", "--baselines", "none", "--json", str(out)]) == 0
     assert [r["model"] for r in json.loads(out.read_text())["results"]] == ["FIAS-T"]
+
+
+# ------------------------------------------------------------------------------------------------- CAF plot (9)
+def test_caf_plot_is_readable_after_nnunets_seaborn_style(tmp_path, monkeypatch):
+    """nnU-Net's progress plot runs sns.set(font_scale=2.5) in the training process before the CAF plot is drawn."""
+    import matplotlib
+    import matplotlib.image
+    import numpy as np
+    import seaborn as sns
+    from matplotlib.text import Text
+
+    from nnunetv2_fias.trainers import caf_monitor
+
+    drawn = []
+
+    def capture(fig, path):  # the figure the trainer saves, as it was saved
+        drawn.append(fig)
+        return save(fig, path)
+
+    save = caf_monitor.atomic_savefig
+    monkeypatch.setattr(caf_monitor, "atomic_savefig", capture)
+    epochs = list(range(40))
+    weights = (0.5 + 0.1 * np.sin(np.arange(40)[:, None] / 6 + np.arange(4))).tolist()
+    shares = (0.3 + 0.2 * np.random.default_rng(0).random((40, 4))).tolist()
+    png = tmp_path / caf_monitor.CAF_PNG
+    with matplotlib.rc_context():
+        sns.set(font_scale=2.5)
+        nnunet_font = matplotlib.rcParams["axes.labelsize"]
+        caf_monitor.CAFMonitor._plot_caf(epochs, weights, shares, [[4, 4], [8, 8], [16, 16], [32, 32]], str(png))
+        assert matplotlib.rcParams["axes.labelsize"] == nnunet_font  # the process's own style is left alone
+    (fig,) = drawn
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
+    assert texts and max(t.get_fontsize() for t in texts) <= 12
+    drawn_area = fig.get_tightbbox(renderer)  # inches, what is drawn: nothing is cut off at the edges
+    width, height = fig.get_size_inches()
+    assert drawn_area.x0 >= -0.01 and drawn_area.y0 >= -0.01
+    assert drawn_area.x1 <= width + 0.01 and drawn_area.y1 <= height + 0.01
+    plot_areas = [ax.get_window_extent(renderer) for ax in fig.axes]
+    legends = [lg.get_window_extent(renderer) for lg in fig.legends] + \
+        [ax.get_legend().get_window_extent(renderer) for ax in fig.axes if ax.get_legend()]
+    assert legends
+    for lg in legends:  # the legend covers no curve
+        for area in plot_areas:
+            assert not lg.overlaps(area)
+    labels = [ax.yaxis.label.get_window_extent(renderer) for ax in fig.axes]
+    for label, other in zip(labels, plot_areas[::-1]):  # the y labels stay beside their own panel
+        assert not label.overlaps(other)
+    assert matplotlib.image.imread(png).shape[:2] == (450, 1100)

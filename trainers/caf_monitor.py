@@ -3,6 +3,7 @@
 ``caf_balance.json`` and plotted in ``caf_balance.png`` (it makes the paper's "feature balance" observable)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -72,28 +73,58 @@ class CAFMonitor:
 
     @staticmethod
     def _plot_caf(epochs: list[int], weights: list[list[float]], shares: list[list[float]],
-                  strides: list[list[int]] | None, png_path: str) -> None:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+                  strides: list[list[int]] | None, png_path: str):
+        """Draw and save the figure in its own style; returns it."""
+        with caf_plot_style():
+            fig = caf_figure(epochs, weights, shares, strides)
+            atomic_savefig(fig, png_path)
+        return fig
 
-        fig = Figure(figsize=(11, 4.5), dpi=100)
-        FigureCanvasAgg(fig)
-        panels = ((weights, "CAF weight a_G of the global branch"),
-                  (shares, "effective share of the global branch"))
-        for i, (values, label) in enumerate(panels):
-            ax = fig.add_subplot(1, 2, i + 1)
-            arr = np.asarray(values, dtype=float).reshape(len(epochs), -1)
-            for s in range(arr.shape[1]):
-                ax.plot(epochs, arr[:, s], marker="o" if len(epochs) < 30 else None, markersize=3,
-                        label=f"stage {s + 1}" + (f" (stride {'x'.join(map(str, strides[s]))})" if strides else ""))
-            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-            ax.set_ylim(0, 1)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(label)
-            ax.legend(loc="best", fontsize="small")
-        fig.suptitle("CAF balance: global (DilateFormer) vs local (DMK) branch")
-        fig.tight_layout()
-        atomic_savefig(fig, png_path)
+
+# Our sizes on top of matplotlib's defaults.
+CAF_PLOT_RC = {
+    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+    "legend.fontsize": 9, "figure.titlesize": 12, "lines.linewidth": 1.5, "lines.markersize": 4,
+    "axes.grid": True, "grid.alpha": 0.4,
+}
+
+
+@contextlib.contextmanager
+def caf_plot_style():
+    """Matplotlib's default style plus :data:`CAF_PLOT_RC`, for this block only. nnU-Net's progress plot sets a
+    global seaborn style with font_scale 2.5 in the same process (``sns.set``), which would otherwise make this
+    figure's text several times too large; text takes its size when created, so create and save inside."""
+    import matplotlib.style
+    from matplotlib import rc_context
+
+    with matplotlib.style.context("default"), rc_context(CAF_PLOT_RC):
+        yield
+
+
+def caf_figure(epochs: list[int], weights: list[list[float]], shares: list[list[float]],
+               strides: list[list[int]] | None):
+    """The CAF balance figure: two panels, one legend below them (not over the curves)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = ((weights, "CAF weight a_G of the global branch"), (shares, "effective share of the global branch"))
+    axes = fig.subplots(1, 2)
+    for ax, (values, label) in zip(axes, panels):
+        arr = np.asarray(values, dtype=float).reshape(len(epochs), -1)
+        for s in range(arr.shape[1]):
+            ax.plot(epochs, arr[:, s], marker="o" if len(epochs) < 30 else None,
+                    label=f"stage {s + 1}" + (f" (stride {'x'.join(map(str, strides[s]))})" if strides else ""))
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), frameon=False)
+    fig.suptitle("CAF balance: global (DilateFormer) vs local (DMK) branch")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
 
 
 def _epoch_means(per_iteration: list[np.ndarray]) -> list[float]:

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ TRAINER_SHIM = "fias_torchrun_test_trainers"
 
 # Test-only trainers (nnU-Net finds them through nnUNet_extTrainer): 2 iterations per epoch, a checkpoint every epoch,
 # TR_EPOCHS epochs. Each rank reports its parameters after the last step into TR_REPORT; TR_STALL_RANK stops at the
-# start of epoch TR_STALL_EPOCH (so that the test can kill it at a known point).
+# start of epoch TR_STALL_EPOCH (so that the test can kill it at a known point) and says on which node (TR_NODE).
 _SHIM_SOURCE = '''\
 import hashlib, json, os, time
 
@@ -50,7 +51,8 @@ class _Probe:
     def on_train_epoch_start(self):
         if (self._rank() == int(os.environ.get("TR_STALL_RANK", "-1"))
                 and self.current_epoch == int(os.environ.get("TR_STALL_EPOCH", "-1"))):
-            open(os.path.join(os.environ["TR_REPORT"], "stalled"), "w").close()
+            with open(os.path.join(os.environ["TR_REPORT"], "stalled"), "w") as f:
+                f.write(os.environ["TR_NODE"])
             time.sleep(600)
         super().on_train_epoch_start()
 
@@ -59,7 +61,7 @@ class _Probe:
         params = b"".join(p.detach().cpu().numpy().tobytes() for p in net.parameters())
         report = {"rank": self._rank(), "params_sha256": hashlib.sha256(params).hexdigest(),
                   "batch_size": self.batch_size, "global_batch_size": self.configuration_manager.batch_size,
-                  "device": str(self.device), "is_ddp": self.is_ddp, "epoch": self.current_epoch}
+                  "device": str(self.device), "is_ddp": self.is_ddp, "node": int(os.environ.get("TR_NODE", "0"))}
         with open(os.path.join(os.environ["TR_REPORT"], f"rank{self._rank()}.json"), "w") as f:
             json.dump(report, f)
         super().on_train_end()
@@ -108,14 +110,16 @@ def _env(root: Path, shim_dir: Path, results: Path, report: Path, **extra) -> di
 
 def _start_node(node_rank: int, port: int, args: list, env: dict, log: Path, timeout_s: int = 60
                 ) -> subprocess.Popen:
-    """One "node": a torchrun agent with one worker, in its own process group (so the test can kill the node)."""
+    """One "node": a torchrun agent with one worker, in its own process group (so the test can kill the node).
+
+    With c10d the rendezvous, not --node-rank, decides which node gets rank 0 (the tests ask the ranks)."""
     cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node_rank),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
            # node 0 hosts the rendezvous store, so that killing node 1 leaves node 0 a store to report to
            "--rdzv-conf", f"is_host={int(node_rank == 0)},join_timeout=120", "--max-restarts", "0",
            "-m", "nnunetv2_fias.train", str(DATASET_ID), "2d", "0", "-device", "cpu", "-dist_timeout", str(timeout_s),
            *map(str, args)]
-    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env={**env, "TR_NODE": str(node_rank)}, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[int]:
@@ -165,59 +169,64 @@ def test_two_nodes_nnunet_trainer(root, shim_dir, tmp_path):
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
     assert [r["batch_size"] for r in ranks] == [1, 1] and all(r["is_ddp"] for r in ranks)
     assert all(r["device"] == "cpu" for r in ranks)
-    fold0 = _fold(results[0], trainer)
-    written = _files(fold0)
+    written = _files(_fold(results[ranks[0]["node"]], trainer))
     assert "checkpoint_final.pth" in written and "validation/summary.json" in written
     assert any(name.startswith("training_log_") for name in written)
-    assert _files(_fold(results[1], trainer)) == {}
-
+    assert _files(_fold(results[ranks[1]["node"]], trainer)) == {}
 
 
 def test_two_nodes_fias_lost_node_then_resume(root, shim_dir, tmp_path):
-    """FIASTrainer across two nodes: node 1 is SIGKILLed in epoch 1 (after epoch 0's checkpoint_latest.pth); node 0
-    exits with a clear error once its collective timeout (-dist_timeout 20) has passed, instead of hanging. ``--c`` then resumes both nodes from that
-    checkpoint (node 1 reading a copy of the fold folder, as from a shared file system, and writing nothing into
-    it): the CAF history and the warm-up/poly schedule go on where they stopped, and the ranks end identical."""
+    """FIASTrainer across two nodes: the node running rank 1 is SIGKILLed in epoch 1 (after epoch 0's
+    checkpoint_latest.pth); the other exits with a clear error once its collective timeout (-dist_timeout 20) has
+    passed, instead of hanging. ``--c`` then resumes both nodes from that checkpoint, each node reading its own copy
+    of the fold folder (as on a shared file system): the rank that is not rank 0 writes nothing into it, the CAF
+    history and the warm-up/poly schedule go on where they stopped, and the ranks end with identical parameters."""
     trainer = "FIASTrainer_trTiny"
-    results = tmp_path / "results_node0"
+    results = tmp_path / "results"
     envs = [_env(root, shim_dir, results, tmp_path / "report1", TR_EPOCHS="2", TR_STALL_RANK="1",
                  TR_STALL_EPOCH="1") for _ in range(2)]
     port = _free_port()
     logs = [tmp_path / f"node{r}_killed.log" for r in range(2)]
     procs = [_start_node(r, port, ["-tr", trainer], envs[r], logs[r], timeout_s=20) for r in range(2)]
+    stalled = tmp_path / "report1" / "stalled"
     try:
         deadline = time.monotonic() + 200
-        while not (tmp_path / "report1" / "stalled").exists():
-            assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()[-6000:]
+        while not (stalled.exists() and stalled.read_text()):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "\n".join(
+                log.read_text()[-4000:] for log in logs)
             time.sleep(0.5)
-        os.killpg(procs[1].pid, signal.SIGKILL)
+        lost = int(stalled.read_text())  # the node where rank 1 runs
+        survivor = 1 - lost
+        os.killpg(procs[lost].pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        code = procs[0].wait(timeout=90)
+        code = procs[survivor].wait(timeout=90)
         waited = time.monotonic() - killed_at
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    log0 = logs[0].read_text()
-    assert code != 0 and waited < 20 + 30, (code, waited, log0[-6000:])
-    assert "rank 0 of 2 lost contact with the other processes of this job" in log0, log0[-6000:]
+    log = logs[survivor].read_text()
+    assert code != 0 and waited < 20 + 30, (code, waited, log[-6000:])
+    assert "rank 0 of 2 lost contact with the other processes of this job" in log, log[-6000:]
     fold = _fold(results, trainer)
     latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 1 and not (fold / "checkpoint_final.pth").exists()
     caf_before = json.loads((fold / "caf_balance.json").read_text())
     assert caf_before["epochs"] == [0]
 
-    # Resume. Node 1 gets its own copy of the results (what a shared file system shows it) and must not write there.
-    node1_results = tmp_path / "results_node1"
-    import shutil
-    shutil.copytree(results, node1_results)
-    node1_before = _files(_fold(node1_results, trainer))
-    envs = [_env(root, shim_dir, res, tmp_path / "report2", TR_EPOCHS="2") for res in (results, node1_results)]
+    # Resume. Node 1 gets its own copy of the results (what a shared file system shows it); the rank that is not
+    # rank 0 must write nothing into its copy.
+    copies = [results, tmp_path / "results_copy"]
+    shutil.copytree(results, copies[1])
+    before = [_files(_fold(c, trainer)) for c in copies]
+    envs = [_env(root, shim_dir, copies[r], tmp_path / "report2", TR_EPOCHS="2") for r in range(2)]
     _two_nodes(["-tr", trainer, "--c"], envs, tmp_path)
     ranks = _reports(tmp_path / "report2")
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
     assert [r["batch_size"] for r in ranks] == [1, 1] and {r["global_batch_size"] for r in ranks} == {2}
-    assert _files(_fold(node1_results, trainer)) == node1_before
+    other = ranks[1]["node"]
+    assert _files(_fold(copies[other], trainer)) == before[other]
+    fold = _fold(copies[ranks[0]["node"]], trainer)
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 2 and not (fold / "checkpoint_latest.pth").exists()
     caf = json.loads((fold / "caf_balance.json").read_text())

@@ -424,3 +424,41 @@ def test_trainer_refuses_a_misfitting_checkpoint_before_writing_anything(root, t
     with pytest.raises(ValueError, match=r"TinyImageNetTrainer: nnUNet_FIAS_pretrained=.* does not fit the network"):
         _construct(cls, root, results)
     assert not results.exists()
+
+
+def _with_3d_configuration(plans: dict) -> dict:
+    """The tiny 2D dataset's plans with a 3d_fullres configuration (only its patch decides the network's dimension
+    in the check before nnU-Net's constructor)."""
+    plans = copy.deepcopy(plans)
+    cfg = copy.deepcopy(plans["configurations"]["2d"])
+    cfg.update(data_identifier="nnUNetPlans_3d_fullres", patch_size=[4, 64, 64])
+    arch = cfg["architecture"]["arch_kwargs"]
+    n = arch["n_stages"]
+    arch.update(conv_op="torch.nn.modules.conv.Conv3d", norm_op="torch.nn.modules.instancenorm.InstanceNorm3d",
+                kernel_sizes=[[1, 3, 3]] * n, strides=[[1, 1, 1]] + [[1, 2, 2]] * (n - 1))
+    plans["configurations"]["3d_fullres"] = cfg
+    return plans
+
+
+def test_2d_checkpoint_for_a_3d_configuration_is_one_line_before_anything_is_written(root, tmp_path, monkeypatch):
+    from nnunetv2_fias.trainers import FIASTrainer
+
+    path = tmp_path / "checkpoint_final.pth"
+    _nnunet_training_checkpoint(path, tiny_fias().state_dict())
+    results = tmp_path / "results"
+    monkeypatch.setenv("nnUNet_results", str(results))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
+    monkeypatch.setattr("sys.argv", ["nnUNetv2_train", "987", "3d_fullres", "0", "-tr", "FIASTrainer",
+                                     "-pretrained_weights", str(path), "-device", "cpu"])
+    plans, dataset_json = load_plans_and_dataset_json(root)
+    plans = _with_3d_configuration(plans)
+    plans["continue_training"] = False
+    with pytest.raises(ValueError, match=r"holds a 2D network .* configuration '3d_fullres' builds a 3D FIAS") as err:
+        FIASTrainer(plans=plans, configuration="3d_fullres", fold=0, dataset_json=dataset_json,
+                    device=torch.device("cpu"))
+    assert len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 400
+    assert not results.exists()
+    # The same checkpoint for the 2d configuration passes this check (nnU-Net then loads it as usual).
+    monkeypatch.setattr("sys.argv", ["nnUNetv2_train", "987", "2d", "0", "-pretrained_weights", str(path)])
+    plans["continue_training"] = False
+    FIASTrainer(plans=plans, configuration="2d", fold=0, dataset_json=dataset_json, device=torch.device("cpu"))

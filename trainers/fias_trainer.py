@@ -98,8 +98,13 @@ class FIASTrainer(CAFMonitor, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # Checked before nnU-Net creates the output folder, so a wrong -c leaves nothing behind.
-        _require_2d_or_3d(PlansManager(plans).get_configuration(configuration).patch_size, configuration,
-                    self.__class__.__name__)
+        patch = PlansManager(plans).get_configuration(configuration).patch_size
+        _require_2d_or_3d(patch, configuration, self.__class__.__name__)
+        from .pretrained import check_pretrained_dimensionality, requested_pretrained_weights
+
+        pretrained = requested_pretrained_weights()
+        if pretrained is not None:  # nnU-Net's own check prints a whole tensor, after the folder was written
+            check_pretrained_dimensionality(pretrained, patch, configuration, self.__class__.__name__)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 3e-4
         self.weight_decay = 5e-2

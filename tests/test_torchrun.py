@@ -362,3 +362,44 @@ def test_one_process_matches_nnunetv2_train(root, shim_dir, tmp_path):
     assert layouts[0] == layouts[1]
     assert {"checkpoint_final.pth", "caf_balance.json", "validation/summary.json",
             "validation/case_000.npz"} <= set(layouts[0])
+
+
+def test_lost_peer_errors_are_told_from_other_errors():
+    import torch.distributed as dist
+    from nnunetv2_fias.distributed import is_communication_error
+
+    gloo_timeout = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out "
+                                "waiting 20000ms for send operation to complete")
+    assert is_communication_error(gloo_timeout)
+    assert is_communication_error(RuntimeError("Connection closed by peer [127.0.0.1]:41234"))
+    assert is_communication_error(dist.DistBackendError("NCCL communicator was aborted"))
+    assert not is_communication_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_communication_error(ValueError("patch size"))
+
+
+def test_process_group_is_left_on_error_and_ddp_patch_is_scoped(monkeypatch):
+    """One gloo rank: nnU-Net's DDP call (device_ids=[global rank]) works on the CPU inside the context, BatchNorm is
+    not converted to the GPU-only SyncBatchNorm, and everything is restored and the group left, also on error."""
+    import importlib
+
+    import torch.distributed as dist
+    from torch import nn
+    from nnunetv2_fias.distributed import ddp_on_rank_device, process_group
+
+    trainer_module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+    original_ddp = trainer_module.DDP
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(name, value)
+    cpu = torch.device("cpu")
+    with pytest.raises(KeyError):
+        with process_group(cpu, timeout_s=30):
+            with ddp_on_rank_device(cpu):
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
+                wrapped = trainer_module.DDP(net, device_ids=[3])  # what nnU-Net calls on global rank 3
+            assert isinstance(wrapped.module[1], nn.BatchNorm2d) and wrapped.device_ids is None
+            wrapped(torch.randn(2, 1, 8, 8)).sum().backward()
+            raise KeyError("a failure inside the training")
+    assert not dist.is_initialized()
+    assert trainer_module.DDP is original_ddp
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(2)))
+    assert isinstance(converted[0], nn.SyncBatchNorm)

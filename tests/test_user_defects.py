@@ -29,12 +29,17 @@ def synapse_tree(tmp_path_factory) -> Path:
     return ft.make_synapse_raw(tmp_path_factory.mktemp("synapse_src"), test_folder="Test")
 
 
-def _killed_conversion(base: Path, tree: Path, dataset_id: int) -> None:
-    """convert-synapse SIGKILLed after every case was written (its staging folder is complete but unused)."""
+@pytest.fixture(scope="module")
+def acdc_tree(tmp_path_factory) -> Path:
+    return ft.make_acdc_release(tmp_path_factory.mktemp("acdc_src"))
+
+
+def _killed_conversion(base: Path, tree: Path, dataset_id: int, converter: str = "synapse") -> None:
+    """A converter SIGKILLed after every case was written (its staging folder is complete but unused)."""
     script = textwrap.dedent(f"""
         import os, signal
         from nnunetv2_fias.dataset_conversion import runner
-        from nnunetv2_fias.dataset_conversion.synapse import main
+        from nnunetv2_fias.dataset_conversion.{converter} import main
         runner.drop_empty_folders = lambda staging: os.kill(os.getpid(), signal.SIGKILL)
         main(["-i", {str(tree)!r}, "-d", "{dataset_id}", "-np", "1"])
     """)
@@ -66,6 +71,18 @@ def test_killed_conversion_leaves_staging_that_the_next_run_and_doctor_handle(sy
         assert _staging(raw) == [] and ft.names(raw) == {"Dataset111_Synapse"}
         assert not any(f.name == _util.STAGING_OWNER for f in (raw / "Dataset111_Synapse").rglob("*"))
         assert not [f for f in doctor.run_checks().findings if "staging" in f.text]
+
+
+def test_killed_acdc_conversion_is_cleaned_by_the_next_run(acdc_tree, tmp_path, capsys):
+    from nnunetv2_fias.dataset_conversion.acdc import main as convert_acdc_main
+
+    with ft.nnunet_env(tmp_path):
+        raw = tmp_path / "nnUNet_raw"
+        _killed_conversion(tmp_path, acdc_tree, 27, converter="acdc")
+        (left,) = _staging(raw)
+        assert convert_acdc_main(["-i", str(acdc_tree), "-d", "27", "-np", "1"]) == 0
+        assert str(left) in capsys.readouterr().err
+        assert _staging(raw) == [] and ft.names(raw) == {"Dataset027_ACDC"}
 
 
 def test_converted_dataset_is_readable_by_others_under_umask_022(synapse_tree, tmp_path):

@@ -360,8 +360,9 @@ def test_slurm_scripts_are_valid_and_the_array_task_runs_exactly_its_job(killed_
         assert subprocess.run(["bash", "-n", str(slurm / script)]).returncode == 0, script
     train = (slurm / "train.sbatch").read_text()
     for line in ("#SBATCH --array=2%3", "#SBATCH --partition=gpu", "#SBATCH --time=2:00:00", "#SBATCH --mem=8G",
-                 "#SBATCH --gres=gpu:1", "#SBATCH --qos=high"):
+                 "#SBATCH --qos=high"):
         assert line in train.splitlines(), line
+    assert "--gres" not in train  # --device cpu: this test runs the task here
     assert not (slurm / "plan.sbatch").exists()  # planned already
     # submit.sh chains the jobs; a fake sbatch records what it is given
     fake = tmp_path / "bin"
@@ -382,3 +383,56 @@ def test_slurm_scripts_are_valid_and_the_array_task_runs_exactly_its_job(killed_
     status = _study("status", str(k["study"]), env=k["env"], timeout=300).stdout
     assert "done" in re_line(status, f"[2] train {BASE_TR}")
     assert "to-do" in re_line(status, f"select {BASE_TR}"), status  # its folds changed: select again
+
+
+def test_a_fold_over_several_gpus_or_nodes_is_a_torchrun_job_of_nnunetv2_fias_train(monkeypatch):
+    from nnunetv2_fias.study.run import gpu_slots
+
+    grid, job = _grid(), TrainJob(0, "2d", Model(FIAS_TR), 0)
+    plain = commands.train_command(grid, job, FoldState.RESUME, commands.Options("cuda"), npz=True)
+    one_node = commands.train_command(grid, job, FoldState.RESUME, commands.Options("cuda", gpus_per_job=4),
+                                      npz=True)
+    assert one_node == ["torchrun", "--standalone", "--nproc-per-node", "4", "-m", "nnunetv2_fias.train", *plain[1:]]
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("STUDY_RDZV_ENDPOINT", "node1:29500")
+    nodes = commands.train_command(grid, job, FoldState.TODO, commands.Options("cuda", gpus_per_job=8,
+                                                                                nodes_per_job=2), npz=False)
+    assert nodes[:5] == ["srun", "--nodes", "2", "--ntasks-per-node", "1"]
+    assert nodes[nodes.index("--rdzv-id") + 1] == "77" and nodes[nodes.index("--rdzv-endpoint") + 1] == "node1:29500"
+    assert nodes[nodes.index("-m") + 1:nodes.index("-m") + 5] == ["nnunetv2_fias.train", "987", "2d", "0"]
+    assert gpu_slots(["0", "1", "2", "3"], 2) == ["0,1", "2,3"] and gpu_slots(None, 1) == []
+    with pytest.raises(StudyError, match="do not split into groups of --gpus-per-job 2"):
+        gpu_slots(["0", "1", "2"], 2)
+
+
+def test_slurm_scripts_of_a_multi_node_study(tmp_path):
+    from nnunetv2_fias.study import slurm
+    from nnunetv2_fias.study.layout import Paths
+    from nnunetv2_fias.study.run import Context
+
+    ctx = Context(_grid(), Paths(tmp_path / "s", tmp_path / "raw", tmp_path / "pre", tmp_path / "res"),
+                  commands.Options("cuda", 8, gpus_per_job=8, nodes_per_job=2),
+                  {"nnUNet_raw": "/r", "nnUNet_preprocessed": "/p", "nnUNet_results": "/s", "nnUNet_n_proc_DA": "0"})
+    plan = [("plan__nnUNetPlans", commands.plan_command(_grid(), "ExperimentPlanner", ["2d"], ctx.options))]
+    submit = slurm.write_scripts(ctx, plan, [0, 3], slurm.SlurmOptions(account="lab", cpus_per_task=32))
+    folder = submit.parent
+    for script in ("plan.sbatch", "train.sbatch", "finish.sbatch", "submit.sh"):
+        assert subprocess.run(["bash", "-n", str(folder / script)]).returncode == 0, script
+    train = (folder / "train.sbatch").read_text().splitlines()
+    for line in ("#SBATCH --array=0,3", "#SBATCH --gres=gpu:8", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --account=lab", "#SBATCH --cpus-per-task=32", "export nnUNet_n_proc_DA=0"):
+        assert line in train, line
+    assert any(line.startswith("export STUDY_RDZV_ENDPOINT=") for line in train)
+    assert train[-1].endswith('--gpus-per-job 8 --nodes-per-job 2 --index "$SLURM_ARRAY_TASK_ID"')
+    plan_script = (folder / "plan.sbatch").read_text()
+    assert "unset nnUNet_n_proc_DA" in plan_script and "--gres" not in plan_script
+    assert "#SBATCH --gres=gpu:1" in (folder / "finish.sbatch").read_text().splitlines()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\necho "$@" >> "$SBATCH_LOG"\necho 4$#\n')
+    (fake / "sbatch").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SBATCH_LOG=str(tmp_path / "log"))
+    assert subprocess.run(["bash", str(submit)], env=env, capture_output=True).returncode == 0
+    calls = (tmp_path / "log").read_text().splitlines()
+    assert calls[0].endswith("plan.sbatch") and "--dependency=afterok:" in calls[1] and \
+        calls[1].endswith("train.sbatch") and "--dependency=afterany:" in calls[2]

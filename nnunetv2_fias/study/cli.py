@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def _run_options(p: argparse.ArgumentParser, device_default: str = "auto") -> No
     p.add_argument("-np", dest="num_processes", type=int, default=None,
                    help="processes for nnU-Net's planning, ensembling, prediction export and the scoring "
                         "(default: nnUNet_def_n_proc, else 8, at most the CPUs)")
+    p.add_argument("--gpus-per-job", type=int, default=1, metavar="N",
+                   help="GPUs per training job (per node); above 1 each fold trains as one torchrun job of "
+                        "nnunetv2_fias.train (default 1: plain nnUNetv2_train)")
+    p.add_argument("--nodes-per-job", type=int, default=1, metavar="M",
+                   help="SLURM only: nodes per training job (srun torchrun across them; default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "nothing")
     s = p.add_argument_group("slurm (with --executor slurm)")
     s.add_argument("--partition")
-    s.add_argument("--slurm-gpus", default="1", help="GPUs per training task (--gres=gpu:N; default 1)")
     s.add_argument("--time", help="time limit per job, e.g. 48:00:00")
     s.add_argument("--mem", help="memory per job, e.g. 64G")
     s.add_argument("--cpus-per-task", type=int)
@@ -91,7 +96,14 @@ def _options(args, executor: str = "local") -> commands.Options:
             device = _util.resolve_device(device)
         except ValueError as e:
             raise StudyError(str(e)) from None
-    return commands.Options(device=device, num_processes=n)
+    gpus, nodes = getattr(args, "gpus_per_job", 1), getattr(args, "nodes_per_job", 1)
+    if gpus < 1 or nodes < 1 or n < 1:
+        raise StudyError("-np, --gpus-per-job and --nodes-per-job must be at least 1")
+    if (gpus > 1 or nodes > 1) and device == "cpu":
+        raise StudyError("--gpus-per-job/--nodes-per-job spread a fold over GPUs; they cannot go with --device cpu")
+    if nodes > 1 and executor != "slurm" and "SLURM_JOB_ID" not in os.environ:
+        raise StudyError("--nodes-per-job: a fold across nodes needs a SLURM allocation (--executor slurm)")
+    return commands.Options(device=device, num_processes=n, gpus_per_job=gpus, nodes_per_job=nodes)
 
 
 def _print_plan(ctx: run.Context, steps) -> None:
@@ -124,7 +136,7 @@ def _print_plan(ctx: run.Context, steps) -> None:
 
 
 def _slurm_options(args) -> slurm.SlurmOptions:
-    return slurm.SlurmOptions(partition=args.partition, gpus=args.slurm_gpus, time=args.time, mem=args.mem,
+    return slurm.SlurmOptions(partition=args.partition, time=args.time, mem=args.mem,
                               cpus_per_task=args.cpus_per_task, account=args.account, array_limit=args.array_limit,
                               extra=tuple(args.sbatch_option))
 
@@ -153,7 +165,7 @@ def cmd_run(args) -> int:
                 slurm.submit(script)
             return 0
         run.run_planning(ctx, steps)
-        failed = run.run_training(ctx, gpus)
+        failed = run.run_training(ctx, run.gpu_slots(gpus, options.gpus_per_job))
         return _finish(ctx, args.ref, [f"training {j.label} failed ({ctx.paths.log(j.key)})" for j in failed])
 
 

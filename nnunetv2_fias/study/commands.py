@@ -22,6 +22,8 @@ class Options:
     """How to run (not part of the grid)."""
     device: str = "cuda"
     num_processes: int = 1  # nnU-Net's -np / -npp / -nps for planning, ensembling, prediction and export
+    gpus_per_job: int = 1  # >1: each fold trains as one torchrun job over this many GPUs (per node)
+    nodes_per_job: int = 1  # >1 (SLURM): each fold's torchrun job spans this many nodes, started by srun
 
 
 def resolve(command: list[str]) -> list[str]:
@@ -53,7 +55,23 @@ def train_command(grid: Grid, job: TrainJob, state: FoldState, options: Options,
         cmd.append("--c")
     elif state is FoldState.VALIDATE:
         cmd.append("--val")
-    return cmd + ["-device", options.device]
+    return launcher(cmd + ["-device", options.device], options)
+
+
+def launcher(train: list[str], options: Options) -> list[str]:
+    """``nnUNetv2_train`` as it is, or the same arguments as a torchrun job of ``nnunetv2_fias.train``: on one node
+    (``--standalone``), or on several nodes of a SLURM allocation (``srun`` starts one torchrun per node; the c10d
+    rendezvous runs on the allocation's first node, which the job script exports as STUDY_RDZV_ENDPOINT)."""
+    if options.gpus_per_job == 1 and options.nodes_per_job == 1:
+        return train
+    module = ["-m", "nnunetv2_fias.train", *train[1:]]
+    per_node = ["--nproc-per-node", str(options.gpus_per_job)]
+    if options.nodes_per_job == 1:
+        return ["torchrun", "--standalone", *per_node, *module]
+    n = str(options.nodes_per_job)
+    return ["srun", "--nodes", n, "--ntasks-per-node", "1", "torchrun", "--nnodes", n, *per_node,
+            "--rdzv-id", os.environ.get("SLURM_JOB_ID", "$SLURM_JOB_ID"), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", os.environ.get("STUDY_RDZV_ENDPOINT", "$STUDY_RDZV_ENDPOINT"), *module]
 
 
 def plan_command(grid: Grid, planner: str, configurations: list[str], options: Options) -> list[str]:

@@ -65,7 +65,7 @@ def _begin(ctx: Context, job: TrainJob, total: int) -> tuple[list[str], float]:
     for moved in set_aside_broken_checkpoints(fold):
         print(f"  {fold}: incomplete checkpoint (a kill during its save) moved to {moved.name}", flush=True)
     command = ctx.train_command(job)
-    what = {"--c": "resuming", "--val": "validating"}.get(command[-3], "training")
+    what = "resuming" if "--c" in command else "validating" if "--val" in command else "training"
     print(f"[train {job.index + 1}/{total}] {job.label}: {what} (log {ctx.paths.log(job.key)})", flush=True)
     write_job_record(ctx.paths, job.key, "running", command=commands.show(command))
     return command, time.monotonic()
@@ -97,16 +97,26 @@ def run_train_job(ctx: Context, job: TrainJob, total: int) -> bool:
         return _end(ctx, job, code, t0)
 
 
-def run_training(ctx: Context, gpus: Sequence[str] | None) -> list[TrainJob]:
-    """Train every fold that is not done; returns the jobs that failed (the others still ran)."""
+def gpu_slots(gpus: Sequence[str] | None, per_job: int) -> list[str]:
+    """``--gpus`` as the GPU groups jobs run on at once (``CUDA_VISIBLE_DEVICES`` values), ``per_job`` GPUs each."""
+    if not gpus:
+        return []
+    if len(gpus) % per_job:
+        raise StudyError(f"--gpus {','.join(gpus)}: {len(gpus)} GPUs do not split into groups of --gpus-per-job "
+                         f"{per_job}")
+    return [",".join(gpus[i:i + per_job]) for i in range(0, len(gpus), per_job)]
+
+
+def run_training(ctx: Context, slots: Sequence[str]) -> list[TrainJob]:
+    """Train every fold that is not done, one per slot at a time; returns the jobs that failed (the others ran)."""
     jobs = ctx.grid.train_jobs()
     todo = [j for j in jobs if ctx.state(j) is not FoldState.DONE]
     print(f"training: {len(jobs) - len(todo)} of {len(jobs)} folds done, {len(todo)} to run", flush=True)
-    if not gpus or len(gpus) == 1:
-        env = dict(ctx.env, CUDA_VISIBLE_DEVICES=gpus[0]) if gpus else ctx.env
+    if len(slots) <= 1:
+        env = dict(ctx.env, CUDA_VISIBLE_DEVICES=slots[0]) if slots else ctx.env
         one = Context(ctx.grid, ctx.paths, ctx.options, env)
         return [j for j in todo if not run_train_job(one, j, len(jobs))]
-    return _run_training_parallel(ctx, todo, len(jobs), gpus)
+    return _run_training_parallel(ctx, todo, len(jobs), slots)
 
 
 def _run_training_parallel(ctx: Context, todo: list[TrainJob], total: int, gpus: Sequence[str]) -> list[TrainJob]:

@@ -25,7 +25,6 @@ from nnunetv2_fias.study.run import Context
 @dataclass(frozen=True)
 class SlurmOptions:
     partition: str | None = None
-    gpus: str | None = "1"  # --gres=gpu:N per array task ("0" or None: none)
     time: str | None = None
     mem: str | None = None
     cpus_per_task: int | None = None
@@ -34,14 +33,17 @@ class SlurmOptions:
     extra: tuple[str, ...] = ()  # further sbatch options, passed through as written
 
 
-def _header(name: str, log: Path, opts: SlurmOptions, gpus: bool) -> list[str]:
+def _header(name: str, log: Path, opts: SlurmOptions, gpus: int, nodes: int = 1) -> list[str]:
+    """``gpus`` per node (0: none); ``nodes`` > 1 with one task per node (srun starts one torchrun on each)."""
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={log}"]
     for option, value in (("partition", opts.partition), ("time", opts.time), ("mem", opts.mem),
                           ("cpus-per-task", opts.cpus_per_task), ("account", opts.account)):
         if value:
             lines.append(f"#SBATCH --{option}={value}")
-    if gpus and opts.gpus and opts.gpus != "0":
-        lines.append(f"#SBATCH --gres=gpu:{opts.gpus}")
+    if gpus:
+        lines.append(f"#SBATCH --gres=gpu:{gpus}")
+    if nodes > 1:
+        lines += [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
     lines += [f"#SBATCH {x}" for x in opts.extra]
     return lines
 
@@ -55,8 +57,11 @@ def _body(ctx: Context, planning: bool = False) -> list[str]:
 
 
 def _study(ctx: Context, *args: str) -> str:
-    return shlex.join(["nnunetv2_fias", "study", *args, str(ctx.paths.study), "--device", ctx.options.device,
-                       "-np", str(ctx.options.num_processes)])
+    o = ctx.options
+    extra = ["--gpus-per-job", str(o.gpus_per_job), "--nodes-per-job", str(o.nodes_per_job)] if args[0] == "task" \
+        else []
+    return shlex.join(["nnunetv2_fias", "study", *args, str(ctx.paths.study), "--device", o.device,
+                       "-np", str(o.num_processes), *extra])
 
 
 def write_scripts(ctx: Context, plan_steps: Sequence[tuple[str, list[str]]], indices: Sequence[int],
@@ -67,16 +72,21 @@ def write_scripts(ctx: Context, plan_steps: Sequence[tuple[str, list[str]]], ind
     logs.mkdir(parents=True, exist_ok=True)
     name = f"study_{ctx.grid.dataset}"
     scripts = {}
+    gpu = ctx.options.device != "cpu"
     if plan_steps:
-        scripts["plan.sbatch"] = _header(f"{name}_plan", logs / "plan_%j.out", opts, gpus=False) + \
+        scripts["plan.sbatch"] = _header(f"{name}_plan", logs / "plan_%j.out", opts, gpus=0) + \
             _body(ctx, planning=True) + [commands.show(c) for _, c in plan_steps]
     if indices:
         limit = f"%{opts.array_limit}" if opts.array_limit else ""
-        scripts["train.sbatch"] = _header(f"{name}_train", logs / "train_%A_%a.out", opts, gpus=True) + \
-            [f"#SBATCH --array={','.join(map(str, indices))}{limit}"] + _body(ctx) + \
+        nodes = ctx.options.nodes_per_job
+        rdzv = ['export STUDY_RDZV_ENDPOINT="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):29500"'] \
+            if nodes > 1 else []
+        scripts["train.sbatch"] = _header(f"{name}_train", logs / "train_%A_%a.out", opts,
+                                          gpus=ctx.options.gpus_per_job * gpu, nodes=nodes) + \
+            [f"#SBATCH --array={','.join(map(str, indices))}{limit}"] + _body(ctx) + rdzv + \
             ["exec " + _study(ctx, "task") + ' --index "$SLURM_ARRAY_TASK_ID"']
-    scripts["finish.sbatch"] = _header(f"{name}_finish", logs / "finish_%j.out", opts, gpus=True) + _body(ctx) + \
-        ["exec " + _study(ctx, "finish")]
+    scripts["finish.sbatch"] = _header(f"{name}_finish", logs / "finish_%j.out", opts, gpus=int(gpu)) + \
+        _body(ctx) + ["exec " + _study(ctx, "finish")]
     folder.mkdir(parents=True, exist_ok=True)
     for file, lines in scripts.items():
         _util.atomic_write_text(folder / file, "\n".join(lines) + "\n")

@@ -162,6 +162,9 @@ class DatasetOutput:
             split_tmp = Path(name)
             with os.fdopen(fd, "w") as fh:
                 json.dump(splits, fh, indent=1)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(split_tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the split from other users
         except OSError as e:
             if split_tmp is not None:
                 split_tmp.unlink(missing_ok=True)

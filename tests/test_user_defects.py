@@ -95,6 +95,8 @@ def test_converted_dataset_is_readable_by_others_under_umask_022(synapse_tree, t
     dataset = tmp_path / "nnUNet_raw" / "Dataset112_Synapse"
     assert stat.S_IMODE(dataset.stat().st_mode) == 0o755
     assert stat.S_IMODE((dataset / "imagesTr").stat().st_mode) == 0o755
+    split = tmp_path / "nnUNet_preprocessed" / "Dataset112_Synapse" / "splits_final.json"
+    assert stat.S_IMODE(split.stat().st_mode) == 0o644
 
 
 def _hold_staging(final: Path) -> subprocess.Popen:

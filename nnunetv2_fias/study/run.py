@@ -38,6 +38,7 @@ def make_context(study_dir: Path, grid: Grid | None, options: commands.Options,
     if grid is not None:
         grid = Grid(resolve_dataset(grid.dataset, env), grid.configurations, grid.models, grid.folds)
     grid = check_study_dir(study_dir, grid)
+    resolve_dataset(grid.dataset, env)  # nnU-Net's folders set and the dataset still there
     return Context(grid, Paths.from_env(study_dir.resolve(), grid.dataset, env), options, env)
 
 

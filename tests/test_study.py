@@ -111,7 +111,9 @@ def test_fold_state_from_nnunet_files_and_the_command_it_gives(tmp_path):
 def test_incomplete_checkpoint_is_set_aside_so_that_resuming_falls_back(tmp_path):
     _checkpoint(tmp_path / "checkpoint_best.pth")
     _checkpoint(tmp_path / "checkpoint_latest.pth", complete=False)
+    (tmp_path / "checkpoint_latest.pth.partial").write_bytes(b"half of an atomic save")
     moved = set_aside_broken_checkpoints(tmp_path)
+    assert not (tmp_path / "checkpoint_latest.pth.partial").exists()
     assert [p.name.split(".incomplete-")[0] for p in moved] == ["checkpoint_latest.pth"]
     assert not (tmp_path / "checkpoint_latest.pth").exists() and (tmp_path / "checkpoint_best.pth").is_file()
     assert fold_state(tmp_path, need_npz=False) is FoldState.RESUME  # nnU-Net's --c then takes checkpoint_best

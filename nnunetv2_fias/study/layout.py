@@ -107,7 +107,11 @@ def _complete(checkpoint: Path) -> bool:
 
 
 def set_aside_broken_checkpoints(fold: Path) -> list[Path]:
-    """Rename incomplete checkpoints in ``fold`` (``--c`` would crash on them); return the new names."""
+    """Rename incomplete checkpoints in ``fold`` (``--c`` would crash on them); return the new names. The
+    ``.partial`` files of a FIAS trainer's atomic save that a kill left behind are removed (the job's lock is
+    held, so nothing is writing them)."""
+    for partial in fold.glob("checkpoint_*.pth.partial"):
+        partial.unlink()
     moved = []
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
         path = fold / name

@@ -28,7 +28,8 @@ TRAINER_SHIM = "fias_torchrun_test_trainers"
 
 # Test-only trainers (nnU-Net finds them through nnUNet_extTrainer): 2 iterations per epoch, a checkpoint every epoch,
 # TR_EPOCHS epochs. Each rank reports its parameters after the last step into TR_REPORT; TR_STALL_RANK stops at the
-# start of epoch TR_STALL_EPOCH (so that the test can kill it at a known point) and says on which node (TR_NODE).
+# start of epoch TR_STALL_EPOCH (so that the test can kill it at a known point) and says on which node (TR_NODE) and
+# in which process.
 _SHIM_SOURCE = '''\
 import hashlib, json, os, time
 
@@ -52,7 +53,7 @@ class _Probe:
         if (self._rank() == int(os.environ.get("TR_STALL_RANK", "-1"))
                 and self.current_epoch == int(os.environ.get("TR_STALL_EPOCH", "-1"))):
             with open(os.path.join(os.environ["TR_REPORT"], "stalled"), "w") as f:
-                f.write(os.environ["TR_NODE"])
+                f.write(f"{os.environ['TR_NODE']} {os.getpid()}")
             time.sleep(600)
         super().on_train_epoch_start()
 
@@ -131,8 +132,17 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> li
             f"--- {log.name} ---\n{log.read_text()[-4000:]}" for log in logs)) from None
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            _stop(p)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ends a node: SIGTERM lets the torchrun agent end its workers (they run in sessions of their own)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _two_nodes(args: list, envs: list[dict], logs_dir: Path, timeout: float = 240) -> None:
@@ -176,9 +186,9 @@ def test_two_nodes_nnunet_trainer(root, shim_dir, tmp_path):
 
 
 def test_two_nodes_fias_lost_node_then_resume(root, shim_dir, tmp_path):
-    """FIASTrainer across two nodes: the node running rank 1 is SIGKILLed in epoch 1 (after epoch 0's
-    checkpoint_latest.pth); the other exits with a clear error once its collective timeout (-dist_timeout 20) has
-    passed, instead of hanging. ``--c`` then resumes both nodes from that checkpoint, each node reading its own copy
+    """FIASTrainer across two nodes: the node running rank 1 (its training process and torchrun agent) is SIGKILLed
+    in epoch 1 (after epoch 0's checkpoint_latest.pth); the other exits with a clear error, at the latest when its
+    collective timeout (-dist_timeout 20) has passed, instead of hanging. ``--c`` then resumes both nodes from that checkpoint, each node reading its own copy
     of the fold folder (as on a shared file system): the rank that is not rank 0 writes nothing into it, the CAF
     history and the warm-up/poly schedule go on where they stopped, and the ranks end with identical parameters."""
     trainer = "FIASTrainer_trTiny"
@@ -191,20 +201,20 @@ def test_two_nodes_fias_lost_node_then_resume(root, shim_dir, tmp_path):
     stalled = tmp_path / "report1" / "stalled"
     try:
         deadline = time.monotonic() + 200
-        while not (stalled.exists() and stalled.read_text()):
+        while not (stalled.exists() and len(stalled.read_text().split()) == 2):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "\n".join(
                 log.read_text()[-4000:] for log in logs)
             time.sleep(0.5)
-        lost = int(stalled.read_text())  # the node where rank 1 runs
+        lost, worker = map(int, stalled.read_text().split())  # the node where rank 1 runs, and its process
         survivor = 1 - lost
+        os.kill(worker, signal.SIGKILL)  # the whole node dies: its training process and its torchrun agent
         os.killpg(procs[lost].pid, signal.SIGKILL)
         killed_at = time.monotonic()
         code = procs[survivor].wait(timeout=90)
         waited = time.monotonic() - killed_at
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            _stop(p)
     log = logs[survivor].read_text()
     assert code != 0 and waited < 20 + 30, (code, waited, log[-6000:])
     assert "rank 0 of 2 lost contact with the other processes of this job" in log, log[-6000:]

@@ -1,4 +1,4 @@
-"""Small helpers that several commands and the trainer share: atomic output, process counts, devices, FLOPs and
+"""Small helpers that several commands and the trainer share: atomic output, process counts, devices and
 deep-supervision weights. Nothing here imports torch at module level, so light commands stay fast.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 try:
     import fcntl
@@ -328,42 +328,12 @@ def resolve_device(device: str | None, option: str = "--device") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ networks
-def set_deep_supervision(model, enabled: bool) -> bool:
-    """Set ``model.decoder.deep_supervision`` where the model has one; return the previous value (False if none)."""
-    decoder = getattr(model, "decoder", None)
-    previous = bool(getattr(decoder, "deep_supervision", False))
-    if decoder is not None and hasattr(decoder, "deep_supervision"):
-        decoder.deep_supervision = enabled
-    return previous
-
-
-def count_flops(model, channels: int, patch: Sequence[int], device="cpu") -> int:
-    """Forward FLOPs of one patch (batch 1) in eval mode with deep supervision off.
-
-    Counted by ``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and attention (elementwise work is
-    not counted). The model's mode and deep-supervision flag are restored afterwards.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    ds = set_deep_supervision(model, False)
-    try:
-        x = torch.zeros(1, channels, *patch, device=device)
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(x)
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)
-        set_deep_supervision(model, ds)
-
-
 def deep_supervision_weights(n: int, zero_lowest: bool = False) -> list[float]:
     """Loss weights ``1 / 2**i`` of ``n`` outputs (highest resolution first), normalised to sum 1.
 
-    ``zero_lowest=True`` is nnU-Net's default (the lowest-resolution output gets weight 0); FIASTrainer keeps it.
+    ``zero_lowest=True`` is nnU-Net's default: the lowest-resolution output gets weight 0. FIASTrainer uses
+    ``zero_lowest=False``: every FIAS output is a trained head, and a head without gradient breaks
+    DistributedDataParallel without ``find_unused_parameters``.
     """
     if n < 1:
         raise ValueError(f"need at least one output, got {n}")

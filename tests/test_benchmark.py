@@ -10,6 +10,7 @@ import torch
 
 from nnunetv2_fias import benchmark
 from nnunetv2_fias.architectures import FIAS
+from nnunetv2_fias.architectures.checkpointing import checkpointed
 
 # The 2d configuration nnU-Net's default ExperimentPlanner wrote for a dataset with 96x96 slices (nnunetv2 2.8.1).
 PLANNER_96 = {
@@ -207,7 +208,7 @@ def test_resolve_returns_a_frozen_config_and_leaves_args_alone(tmp_path):
 # ----------------------------------------------------------------------------------------- activation memory
 class _Chain(torch.nn.Module):
     """x -> Linear(4, 8) -> [Linear(8, 16) -> ReLU -> Linear(16, 8)] -> Linear(8, 3), the bracket optionally
-    checkpointed (non-reentrant), called as the network calls it."""
+    checkpointed as FIAS checkpoints its blocks (non-reentrant, ``architectures.checkpointing.checkpointed``)."""
 
     def __init__(self, checkpointed: bool):
         super().__init__()
@@ -219,7 +220,7 @@ class _Chain(torch.nn.Module):
     def forward(self, x):
         h = self.inp(x)
         if self.checkpointed:
-            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False)
+            h = checkpointed(self.block, h)
         else:
             h = self.block(h)
         return self.out(h)
@@ -233,31 +234,13 @@ class _Chain(torch.nn.Module):
     (True, 32 + 64 + 64),
 ])
 def test_saved_activation_bytes_are_exact_on_a_linear_chain(checkpointed, expected):
-    import torch.utils.checkpoint as checkpoint_module
+    from nnunetv2_fias.architectures.measure import saved_activation_bytes, saved_activation_mb
 
-    from nnunetv2_fias.benchmark.memory import saved_activation_bytes, saved_activation_mb
-
-    original = checkpoint_module.checkpoint
     model = _Chain(checkpointed).eval()
     x = torch.randn(2, 4)
     assert saved_activation_bytes(model, x) == expected
     assert saved_activation_mb(model, x) == expected / 2 ** 20
-    assert not model.training and checkpoint_module.checkpoint is original  # mode and torch restored
-
-
-def test_checkpoint_inputs_are_recorded_whatever_torch_passes_to_outer_hooks():
-    # Older torch kept a non-reentrant region's inputs alive without passing them through an outer saved-tensor
-    # hook; the wrapped checkpoint counts them itself (duplicates are removed by storage).
-    from nnunetv2_fias.benchmark.memory import _counting_checkpoint
-
-    a, b = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
-    recorded = []
-    with _counting_checkpoint(recorded.append):
-        out = torch.utils.checkpoint.checkpoint(lambda t, pair: t.exp().sum() + pair[0].exp().sum(), a, (b, 1),
-                                                use_reentrant=False)
-    assert [t is a for t in recorded] == [True, False] and recorded[1] is b
-    out.backward()  # the region still recomputes and back-propagates through the wrapper
-    torch.testing.assert_close(a.grad, a.detach().exp())
+    assert not model.training  # mode restored
 
 
 def test_fias_is_built_by_its_trainer_from_the_benchmark_configuration(monkeypatch):

@@ -15,7 +15,7 @@ import torch
 
 from nnunet_env import (DATASET3D_ID, DATASET3D_NAME, LABELS_3D, NUM_TEST_3D, PACKAGE_SHIM_DIR, VOLUME_SHAPE,
                         nnunet_env, prepared_dataset_3d, run_tool, tiny_fias_overrides, write_test_shim)
-from nnunetv2_fias.architectures import FIAS3d
+from nnunetv2_fias.architectures import FIAS
 from nnunetv2_fias.trainers import FIASTrainer
 
 FIAS_TR = "FIASTrainer_e2eTiny"
@@ -77,4 +77,4 @@ def test_batch_fitting_measures_large_patches_at_a_smaller_patch(tmp_path_factor
     batch, reason = batch_fit.memory_fitted_batch_size(trainer, 2)
     assert batch == 2 and "measured at " in reason and "scaled by the voxel ratio" in reason
     net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, True)
-    assert isinstance(net, FIAS3d)
+    assert isinstance(net, FIAS) and net.ndim == 3

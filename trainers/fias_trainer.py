@@ -1,37 +1,32 @@
 """FIASTrainer: nnU-Net's trainer with the FIAS network, AdamW with warm-up and poly decay, and CAF monitoring.
 
-The configuration picks the network: ``2d`` trains the 2D FIAS, the 3D configurations (``3d_fullres``,
-``3d_lowres``, ``3d_cascade_fullres``: any configuration with a 3D patch) train FIAS-3D with the same variants.
-
-Everything that changes a training is a class attribute or an attribute set in ``__init__`` (nnU-Net stores only
-the trainer's class name in checkpoints, so a variant's name is its configuration, see ``variants.py``).
+Any configuration with a 2D patch trains the 2D FIAS, any with a 3D patch (``3d_fullres``, ``3d_lowres``,
+``3d_cascade_fullres``) FIAS-3D, with the same variants. Everything that changes a training is a class attribute or
+an attribute set in ``__init__`` (nnU-Net stores only the trainer's class name in checkpoints, so a variant's name
+is its configuration, see ``variants.py``).
 
 Defaults and why:
 
-* ``initial_lr = 3e-4``, ``weight_decay = 0.05``, ``betas = (0.9, 0.98)``, ``grad_clip_norm = 1.0``: nnU-Net's own
-  recipe for attention networks (the Primus trainers). FIAS mixes attention and convolutions; nnU-Net's SGD at
-  lr 1e-2 with momentum 0.99 makes attention logits explode in the first epochs. The 0.05 decay is DilateFormer's
-  ImageNet setting; it is not applied to biases and normalisation weights (1-D tensors), as in DilateFormer/timm.
-  beta2 = 0.98 makes the second-moment estimate react faster after the warm-up; the clip norm of 1 is the usual
-  transformer value (nnU-Net's CNN default is 12).
-* Warm-up: linear over the first ``warmup_fraction = 5 %`` of the epochs (50 of 1000, Primus' length), then
-  nnU-Net's poly decay (exponent 0.9) over the rest. Both are functions of the epoch only, stepped where nnU-Net
-  steps its scheduler, so ``--c`` resumes the schedule exactly.
-* Deep supervision: the four outputs the network returns (full resolution, strides 8, 16, 32) with weights
-  ``1/2**i``, none zeroed, normalised. nnU-Net's default gives the coarsest output weight 0; its head would then get
-  no gradient, which breaks DistributedDataParallel without ``find_unused_parameters`` (``-num_gpus``), and FIAS'
-  stride-32 head is a trained head, not a by-product.
+* :attr:`FIASTrainer.recipe` (``initial_lr`` 3e-4, ``weight_decay`` 0.05, ``betas`` (0.9, 0.98),
+  ``grad_clip_norm`` 1): nnU-Net's own recipe for attention networks (the Primus trainers). FIAS mixes attention
+  and convolutions; nnU-Net's SGD at lr 1e-2 with momentum 0.99 makes attention logits explode in the first epochs.
+  The decay is DilateFormer's ImageNet setting, not applied to biases and normalisation weights (1-D tensors), as
+  in DilateFormer/timm; beta2 = 0.98 makes the second-moment estimate react faster after the warm-up; a clip norm
+  of 1 is the usual transformer value (nnU-Net's CNN default is 12).
+* Warm-up: linear over the first ``warmup_fraction`` (5 %, Primus' length) of the epochs, then nnU-Net's poly
+  decay (exponent 0.9). Both are functions of the epoch only, stepped where nnU-Net steps its scheduler, so ``--c``
+  resumes the schedule exactly.
+* Deep supervision: every output the network returns, weights ``1/2**i``, none zeroed, normalised. nnU-Net's
+  default gives the coarsest output weight 0; its head would then get no gradient, which breaks
+  DistributedDataParallel without ``find_unused_parameters`` (``-num_gpus``).
 * Epochs, iterations and batch size stay nnU-Net's (1000 x 250, batch from the plans) so FIAS and nnUNetTrainer
-  compare at equal budget. FIAS replaces the plans' network and takes only the patch size, the batch size and the
-  preprocessing (normalisation, spacing) from the plans. nnU-Net sizes the batch for the plans' own network; where
-  FIAS would keep more activations per sample than that network, and more than ``min_activation_budget_mb``
-  (2 GB) at the planned batch, the batch is lowered in proportion, with the reason in the log, so FIAS fits
-  wherever the plans' network fits (``batch_fit.py``).
+  compare at equal budget. FIAS replaces the plans' network and takes its patch, batch, preprocessing, per-axis
+  strides and kernel sizes from the plans. nnU-Net sizes the batch for its own network; where FIAS keeps more
+  activations per sample, and more than ``min_activation_budget_mb`` at the planned batch, the batch is lowered in
+  proportion, with the reason in the log (``batch_fit.py``).
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
@@ -46,11 +41,15 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_fias._util import count_flops, deep_supervision_weights
+from nnunetv2_fias._util import deep_supervision_weights
+from nnunetv2_fias.architectures import FIAS, fias_kwargs_from_plan
+from nnunetv2_fias.architectures.measure import count_flops
 
+from .atomic_checkpoint import AtomicCheckpoints
 from .batch_fit import memory_fitted_batch_size
 from .caf_monitor import CAFMonitor
 from .optim import WarmupPolyLRScheduler, fias_adamw
+from .pretrained_weights_arg import check_pretrained_dimensionality, requested_pretrained_weights
 
 
 def _require_2d_or_3d(patch_size: Sequence[int], configuration: str, trainer_name: str) -> None:
@@ -72,24 +71,29 @@ class _AutocastOff(nn.Module):
             return self.net(x.float())
 
 
-class FIASTrainer(CAFMonitor, nnUNetTrainer):
-    """nnU-Net trainer for FIAS: the 2D network for ``2d``, FIAS-3D for the 3D configurations
+class FIASTrainer(AtomicCheckpoints, CAFMonitor, nnUNetTrainer):
+    """nnU-Net trainer for FIAS, 2D or 3D as the configuration's patch
     (``nnUNetv2_train DATASET 2d|3d_fullres FOLD -tr FIASTrainer``).
 
     Class attributes (set by variants; read at inference too, where nnU-Net calls
     :meth:`build_network_architecture` on the class):
 
     * ``fias_preset``: network size, ``"T"``, ``"S"`` or ``"B"``.
-    * ``fias_overrides``: keyword arguments passed on to ``FIAS`` / ``FIAS3d`` (e.g. ``{"caf_variant": "sigmoid"}``).
+    * ``fias_overrides``: keyword arguments passed on to ``FIAS`` (e.g. ``{"caf_variant": "sigmoid"}``); they win
+      over what the plan gives (:func:`~nnunetv2_fias.architectures.fias_kwargs_from_plan`).
 
     Training attributes set in ``__init__`` (override them in a subclass ``__init__``): ``initial_lr``,
-    ``weight_decay``, ``betas``, ``warmup_fraction``, ``grad_clip_norm``, ``use_amp`` and nnU-Net's own
-    (``num_epochs``, ``num_iterations_per_epoch``, ``enable_deep_supervision``...). See the module docstring for the
-    defaults' rationale.
+    ``weight_decay``, ``betas``, ``warmup_fraction``, ``grad_clip_norm`` (from :attr:`recipe`), ``use_amp`` and
+    nnU-Net's own (``num_epochs``, ``num_iterations_per_epoch``, ``enable_deep_supervision``...). See the module
+    docstring for the defaults' rationale.
     """
 
     fias_preset: str = "T"
     fias_overrides: Mapping = MappingProxyType({})
+    # The optimisation recipe (module docstring). nnUNetTrainer.__init__ sets its SGD values on the instance and
+    # FIASTrainer.__init__ replaces them with these; the benchmark reads them here.
+    recipe: Mapping = MappingProxyType({"initial_lr": 3e-4, "weight_decay": 5e-2, "betas": (0.9, 0.98),
+                                        "warmup_fraction": 0.05, "grad_clip_norm": 1.0})
     # Activations FIAS may keep at the planned batch before the batch is lowered to the plans' network's budget: a
     # quarter of the smallest GPU memory nnU-Net plans for (8 GB); a plan whose batch nnU-Net capped for a small
     # dataset leaves that much to spare.
@@ -100,17 +104,12 @@ class FIASTrainer(CAFMonitor, nnUNetTrainer):
         # Checked before nnU-Net creates the output folder, so a wrong -c leaves nothing behind.
         patch = PlansManager(plans).get_configuration(configuration).patch_size
         _require_2d_or_3d(patch, configuration, self.__class__.__name__)
-        from .pretrained import check_pretrained_dimensionality, requested_pretrained_weights
-
         pretrained = requested_pretrained_weights()
         if pretrained is not None:  # nnU-Net's own check prints a whole tensor, after the folder was written
             check_pretrained_dimensionality(pretrained, patch, configuration, self.__class__.__name__)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 3e-4
-        self.weight_decay = 5e-2
-        self.betas = (0.9, 0.98)
-        self.warmup_fraction = 0.05
-        self.grad_clip_norm = 1.0
+        for name, value in self.recipe.items():  # initial_lr, weight_decay, betas, warmup_fraction, grad_clip_norm
+            setattr(self, name, value)
         self.use_amp = True
         self._caf_epoch_values: list[np.ndarray] = []
         self._caf_share_values: list[np.ndarray] = []
@@ -122,26 +121,14 @@ class FIASTrainer(CAFMonitor, nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """Builds FIAS (2D patch) or FIAS-3D (3D patch) from the class attributes and the plan's per-axis strides
-        (see ``fias_strides_from_plan``; in 3D also the plan's kernel sizes, see ``fias_stage_kernels_from_plan``);
-        nnU-Net calls this on the instance (training) and on the class (inference, with deep supervision off,
-        followed by a strict ``load_state_dict``)."""
-        from nnunetv2_fias.architectures import FIAS, FIAS3d, fias_stage_kernels_from_plan, fias_strides_from_plan
-
+        """FIAS from the class attributes and the configuration (:func:`fias_kwargs_from_plan`: dimensionality,
+        per-axis strides, per-stage kernel sizes). nnU-Net calls this on the instance (training) and on the class
+        (inference, with deep supervision off, followed by a strict ``load_state_dict``)."""
         patch = configuration_manager.patch_size
         _require_2d_or_3d(patch, configuration_manager.data_identifier, cls.__name__)
-        kwargs = dict(cls.fias_overrides)
-        arch = configuration_manager.network_arch_init_kwargs
-        plan_strides = arch.get("strides")
-        if "strides" not in kwargs and plan_strides is not None:
-            kwargs["strides"] = fias_strides_from_plan(plan_strides, patch)
-        network = FIAS
-        if len(patch) == 3:
-            network = FIAS3d
-            if "stage_kernel_sizes" not in kwargs and arch.get("kernel_sizes") is not None:
-                kwargs["stage_kernel_sizes"] = fias_stage_kernels_from_plan(arch["kernel_sizes"], plan_strides)
-        return network(num_input_channels, num_output_channels, preset=cls.fias_preset,
-                       deep_supervision=enable_deep_supervision, **kwargs)
+        from_plan = fias_kwargs_from_plan(patch, configuration_manager.network_arch_init_kwargs)
+        return FIAS(num_input_channels, num_output_channels, preset=cls.fias_preset,
+                    deep_supervision=enable_deep_supervision, **{**from_plan, **cls.fias_overrides})
 
     def _fias(self) -> nn.Module:
         """The bare FIAS module behind DDP and torch.compile wrappers."""
@@ -182,32 +169,6 @@ class FIASTrainer(CAFMonitor, nnUNetTrainer):
             self.configuration_manager.configuration["batch_size"] = fitted
         self.print_to_log_file(reason)
         super()._set_batch_size_and_oversample()
-
-    # -------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written atomically: into ``filename + '.partial'`` beside it, flushed to disk, then
-        renamed over ``filename``. nnU-Net writes in place, so a job killed during a save (time limit, preemption)
-        leaves a truncated ``checkpoint_latest.pth`` and ``--c`` fails; here the previous checkpoint stays whole.
-        Rank 0 alone writes, as in nnU-Net."""
-        if self.local_rank != 0 or self.disable_checkpointing:
-            super().save_checkpoint(filename)  # nnU-Net's own no-op / "checkpointing is disabled" message
-            return
-        partial = filename + ".partial"
-        try:
-            super().save_checkpoint(partial)
-            with open(partial, "r+b") as f:
-                os.fsync(f.fileno())
-            os.replace(partial, filename)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(partial)
-            raise
-        with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not possible on Windows)
-            fd = os.open(os.path.dirname(os.path.abspath(filename)), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     # ---------------------------------------------------------------- optimizer
     def _amp_active(self) -> bool:

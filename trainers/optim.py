@@ -21,7 +21,8 @@ class WarmupPolyLRScheduler(_LRScheduler):
             raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
         if not 0 <= warmup_epochs < num_epochs:
             raise ValueError(f"warmup_epochs must be in [0, num_epochs={num_epochs}), got {warmup_epochs}")
-        self.initial_lr, self.num_epochs, self.warmup_epochs, self.exponent = initial_lr, num_epochs, warmup_epochs, exponent
+        self.initial_lr, self.num_epochs = initial_lr, num_epochs
+        self.warmup_epochs, self.exponent = warmup_epochs, exponent
         self.ctr = 0
         super().__init__(optimizer, -1)
 
@@ -46,13 +47,11 @@ class WarmupPolyLRScheduler(_LRScheduler):
         return self._last_lr
 
 
-def fias_adamw(parameters, device_type: str, lr: float = 3e-4, weight_decay: float = 5e-2,
-               betas: Sequence[float] = (0.9, 0.98)) -> torch.optim.AdamW:
-    """FIASTrainer's AdamW: no weight decay on biases and normalisation weights (1-D tensors), as DilateFormer/timm.
-
-    The fused kernel is used on CUDA and CPU (torch >= 2.4): on CPU it does FIAS-T's update in about a third of the
-    time of the default implementation (docs/benchmarks.md).
-    """
+def fias_adamw(parameters, device_type: str, lr: float, weight_decay: float, betas: Sequence[float]
+               ) -> torch.optim.AdamW:
+    """FIASTrainer's AdamW (its values are ``FIASTrainer.recipe``): no weight decay on biases and normalisation
+    weights (1-D tensors), as DilateFormer/timm. The fused kernel (CUDA, and CPU from torch 2.4) is the faster one on
+    both (docs/benchmarks.md)."""
     decay, no_decay = [], []
     for p in parameters:
         if p.requires_grad:

@@ -7,10 +7,10 @@ For every model, at the same patch size, batch size, channels and classes:
   ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention; elementwise work is not counted).
 * ``activation_mb``: MB (2**20 bytes) of the tensors one training forward pass at the batch size saves for backward
   (train mode, deep supervision on, float32, loss not included; parameters excluded, each storage counted once, the
-  inputs of activation-checkpointed regions included): see :mod:`nnunetv2_fias.benchmark.memory`.
+  inputs of activation-checkpointed regions included): see :mod:`nnunetv2_fias.architectures.measure`.
 * ``train_step_ms``: median wall time of one training step as the trainers run it: forward, nnU-Net's Dice + CE loss
   over every deep-supervision output, backward, gradient clipping, optimizer step (nnU-Net's U-Net: SGD, momentum
-  0.99, nesterov, clip 12, nnU-Net's loss weights; FIAS: AdamW, clip 1, FIASTrainer's loss weights; SwinUNETR: AdamW,
+  0.99, nesterov, clip 12, nnU-Net's loss weights; FIAS: FIASTrainer.recipe and loss weights; SwinUNETR: AdamW,
   no deep supervision), after warm-up steps.
 * ``infer_ms``: median wall time of one inference forward pass of one patch (batch 1, eval mode, deep supervision
   off, no autograd), as nnU-Net's sliding-window predictor runs it.

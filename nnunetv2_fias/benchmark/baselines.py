@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_fias.architectures.attention import _check_qkv, dilated_neighborhood_attention
-from nnunetv2_fias.benchmark.memory import saved_tensor_bytes
+from nnunetv2_fias.architectures.measure import saved_tensor_bytes
 
 
 def _neighbour_offsets(kernel_size: int, dilation: int) -> list[tuple[int, int]]:

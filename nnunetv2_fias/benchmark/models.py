@@ -193,6 +193,10 @@ def optimizer(model, kind: str):
 
     if kind == "nnunet":  # nnUNetTrainer.configure_optimizers
         return torch.optim.SGD(model.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True), 12.0
+    from nnunetv2_fias.trainers import FIASTrainer
     from nnunetv2_fias.trainers.optim import fias_adamw
 
-    return fias_adamw(model.parameters(), next(model.parameters()).device.type), 1.0
+    recipe = FIASTrainer.recipe
+    device_type = next(model.parameters()).device.type
+    return (fias_adamw(model.parameters(), device_type, recipe["initial_lr"], recipe["weight_decay"], recipe["betas"]),
+            recipe["grad_clip_norm"])

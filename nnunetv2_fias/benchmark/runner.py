@@ -9,7 +9,6 @@ import os
 import statistics
 from typing import Sequence
 
-from nnunetv2_fias._util import count_flops
 from nnunetv2_fias.benchmark.models import BASELINE_NAME, build_model, model_specs
 from nnunetv2_fias.benchmark.worker import Worker
 
@@ -116,7 +115,7 @@ def run_sizes(config, log=print) -> dict:
     patch, in this process on the configuration's device (no timing)."""
     import torch
 
-    from nnunetv2_fias.benchmark.memory import saved_activation_mb
+    from nnunetv2_fias.architectures.measure import count_flops, saved_activation_mb
 
     results, skipped = [], []
     for patch in config.patches:

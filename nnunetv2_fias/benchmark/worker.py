@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 
-from nnunetv2_fias._util import count_flops, set_deep_supervision
 from nnunetv2_fias.benchmark.models import BenchmarkError, build_model, loss_weights, optimizer, output_sizes
 
 PROTOCOL_PREFIX = "@@fias-benchmark "
@@ -68,7 +67,7 @@ def worker_main(spec: dict) -> int:
     """
     import torch
 
-    from nnunetv2_fias.benchmark.memory import saved_activation_mb
+    from nnunetv2_fias.architectures.measure import count_flops, saved_activation_mb, set_deep_supervision
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

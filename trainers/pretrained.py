@@ -21,9 +21,9 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_fias.architectures.pretrained import (DILATEFORMER_SIZES, check_dilateformer_weights, check_layout,
-                                                    dilateformer_layout, layout_of_preset, load_dilateformer_weights,
-                                                    read_dilateformer_checkpoint)
+from nnunetv2_fias.architectures.dilateformer_checkpoint import (DILATEFORMER_SIZES, check_layout, dilateformer_layout,
+                                                                layout_of_preset, read_dilateformer_checkpoint)
+from nnunetv2_fias.architectures.pretrained import check_dilateformer_weights, load_dilateformer_weights
 
 from .fias_trainer import FIASTrainer
 

@@ -49,11 +49,30 @@ def assert_nothing_written(base: Path) -> None:
     assert list((base / "nnUNet_preprocessed").rglob("*")) == []
 
 
-def verify_integrity(dataset_folder: Path) -> None:
-    """nnU-Net's own check behind ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity`` (raises on failure)."""
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+def integrity_warnings(dataset_folder: Path) -> list[str]:
+    """nnU-Net's own check behind ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity``: its errors raise,
+    and what it only prints (geometry mismatches between image and label, label files with background only) is
+    returned, one line per finding, from its per-case checks run in this process."""
+    import io
+
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.experiment_planning.verify_dataset_integrity import (check_cases, verify_dataset_integrity,
+                                                                       verify_labels)
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     verify_dataset_integrity(str(dataset_folder), num_processes=1)
+    dataset_json = load_json(str(dataset_folder / "dataset.json"))
+    cases = list(get_filenames_of_train_images_and_targets(str(dataset_folder), dataset_json).values())
+    reader = determine_reader_writer_from_dataset_json(dataset_json, cases[0]["images"][0])
+    labels = LabelManager(dataset_json["labels"], regions_class_order=None).all_labels
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for case in cases:
+            assert verify_labels(case["label"], reader, labels), case["label"]
+            assert check_cases(case["images"], case["label"], len(dataset_json["channel_names"]), reader), case
+    return [line for line in out.getvalue().splitlines() if line.lower().startswith(("warning", "error"))]
 
 SHAPE_ZYX = (4, 32, 32)
 SYNAPSE_SPACING = (0.8, 0.8, 3.0)

@@ -68,7 +68,9 @@ def test_parameters_do_not_depend_on_the_strides(thin_plans):
     thin = FIAS(1, 2, strides=fias_strides_from_plan(config["architecture"]["arch_kwargs"]["strides"],
                                                       config["patch_size"]), **TINY)
     square = FIAS(1, 2, **TINY)
-    thin.load_state_dict(square.state_dict())
+    assert {k: v.shape for k, v in thin.state_dict().items()} == {k: v.shape for k, v in square.state_dict().items()}
+    assert thin.load_state_dict(square.state_dict()) is not None  # strict: a key or shape mismatch would raise
+    assert all(torch.equal(a, b) for a, b in zip(thin.state_dict().values(), square.state_dict().values()))
 
 
 def test_trainer_builds_fias_from_an_anisotropic_plan_without_padding(thin_plans):

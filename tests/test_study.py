@@ -438,3 +438,18 @@ def test_slurm_scripts_of_a_multi_node_study(tmp_path):
     calls = (tmp_path / "log").read_text().splitlines()
     assert calls[0].endswith("plan.sbatch") and "--dependency=afterok:" in calls[1] and \
         calls[1].endswith("train.sbatch") and "--dependency=afterany:" in calls[2]
+
+
+def test_paired_mean_over_classes_uses_the_classes_both_models_have():
+    from nnunetv2_fias.study.compare import MEAN, compare_section
+
+    def case(a, b):
+        return {"a": {"dice": 0.5, "hd95_mm": a, "hd95_voxel": a}, "b": {"dice": 0.5, "hd95_mm": b, "hd95_voxel": b}}
+
+    section = {"labels": {"a": 1, "b": 2}, "cases": ["x", "y"], "methods": {
+        "ref": {"per_case": {"x": case(10.0, 2.0), "y": case(12.0, 4.0)}},
+        "new": {"per_case": {"x": case(None, 1.0), "y": case(None, 3.0)}}}}  # "new" missed class a entirely
+    out = compare_section(section, "ref")
+    assert out["models"]["ref"][MEAN]["hd95_mm"]["mean"] == pytest.approx(7.0)
+    paired = out["paired"]["new"][MEAN]["hd95_mm"]
+    assert paired["n"] == 2 and paired["mean_difference"] == pytest.approx(-1.0)  # class b only, on both sides

@@ -9,13 +9,19 @@ METRICS = {"dice": True, "hd95_mm": False, "hd95_voxel": False}
 MEAN = "mean over classes"
 
 
-def _per_case(section: dict, model: str, label: str, metric: str) -> dict[str, float | None]:
+def _per_case(section: dict, model: str, label: str, metric: str,
+              paired_with: str | None = None) -> dict[str, float | None]:
+    """Per-case values of one class, or of the mean over classes. With ``paired_with`` the mean takes only the
+    classes where both models have a value (HD95 is undefined where a mask is empty), so both sides of a paired
+    difference average the same classes."""
     per_case = section["methods"][model]["per_case"]
     if label != MEAN:
         return {case: per_case[case][label][metric] for case in per_case}
+    other = section["methods"][paired_with or model]["per_case"]
     out = {}
     for case, labels in per_case.items():
-        values = [v[metric] for v in labels.values() if v[metric] is not None]
+        values = [v[metric] for name, v in labels.items()
+                  if v[metric] is not None and other[case][name][metric] is not None]
         out[case] = sum(values) / len(values) if values else None
     return out
 
@@ -35,8 +41,8 @@ def compare_section(section: dict, reference: str) -> dict:
         if model == reference:
             continue
         out["paired"][model] = {
-            label: {metric: stats.paired(_per_case(section, reference, label, metric),
-                                         _per_case(section, model, label, metric), higher)
+            label: {metric: stats.paired(_per_case(section, reference, label, metric, paired_with=model),
+                                         _per_case(section, model, label, metric, paired_with=reference), higher)
                     for metric, higher in METRICS.items()}
             for label in labels}
     return out

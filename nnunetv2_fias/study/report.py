@@ -62,8 +62,9 @@ def _section_markdown(key: str, section: dict, plot_files: dict[str, str]) -> li
     for model, result in section["paired"].items():
         lines += [f"### {model} against {section['reference']}", "",
                   f"Paired over the same cases, difference = {model} - {section['reference']}; DSC in % points "
-                  f"(higher is better), HD95 in mm (lower is better). Where the 95 % interval contains 0 the data "
-                  f"do not show a difference.", "", "DSC:", "", *_paired_table(result, "dice", 100),
+                  f"(higher is better), HD95 in mm (lower is better; cases where both masks of both models are "
+                  f"non-empty, and for the mean over classes the classes where both models have a value). Where the "
+                  f"95 % interval contains 0 the data do not show a difference.", "", "DSC:", "", *_paired_table(result, "dice", 100),
                   "HD95 (mm):", "", *_paired_table(result, "hd95_mm", 1)]
     lines += [f"![{key} {metric}]({name})" for metric, name in plot_files.items()] + [""]
     return lines

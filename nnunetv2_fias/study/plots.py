@@ -48,7 +48,7 @@ def cases_plot(section: dict, metric: str, path: Path, title: str) -> None:
         ax.set_ylabel(LABELS[metric])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="best", frameon=False)
+        fig.legend(loc="outside lower center", ncol=min(len(models), 3), frameon=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         _util.atomic_savefig(fig, path)
 
@@ -64,27 +64,30 @@ def _logging(checkpoint: Path) -> dict | None:
 
 
 def training_curves(curves: dict[str, dict[str, dict]], path: Path, title: str) -> None:
-    """``curves[model][fold]`` = nnU-Net's logging dict; losses on top, the EMA pseudo-Dice below, one line a fold."""
+    """``curves[model][fold]`` = nnU-Net's logging dict; losses on top (solid train, dashed validation), the EMA
+    pseudo-Dice below, one colour a fold, one legend below the panels (so it covers no curve)."""
     import matplotlib
+    from matplotlib.lines import Line2D
 
     models = list(curves)
+    folds = sorted({fold for per in curves.values() for fold in per}, key=str)
+    colour = {fold: f"C{k}" for k, fold in enumerate(folds)}
     with matplotlib.rc_context(STYLE):
-        fig = _figure(3.2 * len(models) + 0.5, 4.6)
+        fig = _figure(3.2 * len(models) + 0.5, 5.0)
         axes = fig.subplots(2, len(models), squeeze=False, sharex="col")
         for col, model in enumerate(models):
             top, bottom = axes[0][col], axes[1][col]
-            for k, (fold, log) in enumerate(sorted(curves[model].items())):
-                colour = f"C{k}"
+            for fold, log in sorted(curves[model].items()):
                 # markers: a curve of one epoch is a single point
-                top.plot(log.get("train_losses", []), color=colour, marker=".", label=f"fold {fold} train")
-                top.plot(log.get("val_losses", []), color=colour, marker=".", linestyle="--",
-                         label=f"fold {fold} val")
-                bottom.plot(log.get("ema_fg_dice", []), color=colour, marker=".", label=f"fold {fold}")
+                top.plot(log.get("train_losses", []), color=colour[fold], marker=".")
+                top.plot(log.get("val_losses", []), color=colour[fold], marker=".", linestyle="--")
+                bottom.plot(log.get("ema_fg_dice", []), color=colour[fold], marker=".")
             top.set_title(model)
-            top.set_ylabel("loss")
+            top.set_ylabel("loss (solid: train, dashed: val)")
             bottom.set_ylabel("EMA pseudo-Dice")
             bottom.set_xlabel("epoch")
-            top.legend(frameon=False, ncol=2)
+        handles = [Line2D([], [], color=colour[f], marker=".", label=f"fold {f}") for f in folds]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(folds), 6), frameon=False)
         fig.suptitle(title)
         path.parent.mkdir(parents=True, exist_ok=True)
         _util.atomic_savefig(fig, path)

@@ -21,6 +21,8 @@ from nnunetv2_fias.study import commands, execute, stats
 from nnunetv2_fias.study.grid import Grid, Model, StudyError, TrainJob, check_study_dir, write_study
 from nnunetv2_fias.study.layout import FoldState, fold_state, set_aside_broken_checkpoints
 
+pytestmark = pytest.mark.timeout(1500)  # the killed-and-finished study runs in one fixture: minutes on 2 busy cores
+
 FIAS_TR, BASE_TR = "FIASTrainer_e2eTiny", "nnUNetTrainer_e2eTiny"
 STUDY_ARGS = ["-d", "987", "-c", "2d", "-tr", FIAS_TR, BASE_TR, "-f", "0", "1", "--device", "cpu", "-np", "1"]
 

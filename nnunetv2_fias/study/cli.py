@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nnunetv2_fias import _util
 from nnunetv2_fias.study import checks, commands, execute, finish, report, run, slurm, status
-from nnunetv2_fias.study.grid import Grid, Model, StudyError, write_study
+from nnunetv2_fias.study.grid import DEFAULT_FOLDS, Grid, Model, StudyError, write_study
 
 
 def _grid_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def _grid(args) -> Grid | None:
         raise StudyError("-d, -c and -tr go together (or leave all out to continue the study recorded in "
                          "STUDY_DIR)")
     return Grid(args.dataset, tuple(args.configurations), tuple(Model.parse(t) for t in args.trainers),
-                tuple(args.folds) if args.folds is not None else Grid.__dataclass_fields__["folds"].default)
+                tuple(args.folds) if args.folds is not None else DEFAULT_FOLDS)
 
 
 def _options(args, executor: str = "local") -> commands.Options:

@@ -149,7 +149,7 @@ def markdown(ctx: Context, comparison: dict, files: dict[str, dict[str, str]]) -
              f"{', '.join(grid.configurations)}; folds {', '.join(map(str, grid.folds))}; models "
              f"{', '.join(m.name for m in grid.models)}; reference {comparison['reference']}.", ""]
     if comparison["notes"]:
-        lines += ["**Not finished:**", "", *(f"- {n}" for n in comparison["notes"]), ""]
+        lines += ["**Notes (what is missing or not done):**", "", *(f"- {n}" for n in comparison["notes"]), ""]
     if comparison["selection"]:
         lines += _selection_lines(comparison["selection"])
     for key in ("test", "crossval"):

@@ -1,7 +1,8 @@
 """Shared helpers for the trainer and end-to-end tests: a tiny generated 2D dataset, an isolated nnU-Net
 environment, a test-only trainer shim and a runner for nnU-Net's own command-line tools.
 
-Not a conftest (the lead owns tests/conftest.py): test modules import what they need from here.
+Test modules import what they need from here; tests/conftest.py builds the datasets once per test run from it
+(fixtures ``tiny_dataset``, ``tiny_dataset_3d``, ``test_shim``, ``trained_folds``).
 """
 from __future__ import annotations
 
@@ -171,26 +172,25 @@ def run_tool(name: str, args: list[str], env: dict[str, str], timings: dict | No
     return proc
 
 
-_PREPARED: dict[str, Path] = {}
+# The trainers of the test shim, FIAS and nnU-Net's U-Net at the same budget (tests/conftest.py: trained_folds).
+E2E_TRAINERS = ("FIASTrainer_e2eTiny", "nnUNetTrainer_e2eTiny")
 
 
-def prepared_dataset(base: Path) -> Path:
-    """Raw + planned + preprocessed (2d) tiny dataset under ``base/nnunet``, built once per test session.
+def copy_results(trained: dict, destination: Path) -> dict:
+    """``trained`` (the ``trained_folds`` fixture) with its results folder copied to ``destination``, for a test
+    that changes the trained folds."""
+    shutil.copytree(trained["results"], destination)
+    folder = {"nnUNet_results": str(destination)}
+    return dict(trained, results=destination, env=dict(trained["env"], **folder),
+                train_env=dict(trained["train_env"], **folder))
 
-    Callers copy nothing: they get the root and must not modify raw/ or preprocessed/ (results/ is theirs to
-    replace by pointing nnUNet_results elsewhere).
-    """
-    key = str(base)
-    if key not in _PREPARED:
-        root = base / "nnunet"
-        if root.exists():
-            shutil.rmtree(root)
-        make_raw_dataset(root / "raw")
-        run_tool("nnUNetv2_plan_and_preprocess",
-                 ["-d", DATASET_ID, "-c", "2d", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"],
-                 nnunet_env(root))
-        _PREPARED[key] = root
-    return _PREPARED[key]
+
+def prepare_dataset(root: Path) -> Path:
+    """Raw + planned + preprocessed (2d) tiny dataset under ``root`` (raw/, preprocessed/); returns ``root``."""
+    make_raw_dataset(root / "raw")
+    run_tool("nnUNetv2_plan_and_preprocess",
+             ["-d", DATASET_ID, "-c", "2d", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], nnunet_env(root))
+    return root
 
 
 THIN_DATASET_ID = 988
@@ -371,14 +371,10 @@ def make_raw_dataset_3d(raw_root: Path, seed: int = 0) -> Path:
     return folder
 
 
-def prepared_dataset_3d(base: Path) -> Path:
-    """Raw + planned + preprocessed (3d_fullres) tiny 3D dataset under ``base/nnunet3d``; returns the root."""
-    root = base / "nnunet3d"
-    if not (root / "preprocessed" / DATASET3D_NAME / "nnUNetPlans_3d_fullres").is_dir():
-        if root.exists():
-            shutil.rmtree(root)
-        make_raw_dataset_3d(root / "raw")
-        run_tool("nnUNetv2_plan_and_preprocess",
-                 ["-d", DATASET3D_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"],
-                 nnunet_env(root))
+def prepare_dataset_3d(root: Path) -> Path:
+    """Raw + planned + preprocessed (3d_fullres) tiny 3D dataset under ``root``; returns ``root``."""
+    make_raw_dataset_3d(root / "raw")
+    run_tool("nnUNetv2_plan_and_preprocess",
+             ["-d", DATASET3D_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"],
+             nnunet_env(root))
     return root

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_env import (DATASET3D_ID, DATASET3D_NAME, LABELS_3D, NUM_TEST_3D, PACKAGE_SHIM_DIR, VOLUME_SHAPE,
-                        nnunet_env, prepared_dataset_3d, run_tool, tiny_fias_overrides, write_test_shim)
+                        nnunet_env, run_tool, tiny_fias_overrides)
 from nnunetv2_fias.architectures import FIAS
 from nnunetv2_fias.trainers import FIASTrainer
 
@@ -23,16 +23,13 @@ FIAS_TR = "FIASTrainer_e2eTiny"
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_train_3d_fullres_and_predict(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    root = prepared_dataset_3d(base)
+def test_train_3d_fullres_and_predict(tiny_dataset_3d, test_shim, tmp_path_factory):
+    root = tiny_dataset_3d
     plans = json.loads((root / "preprocessed" / DATASET3D_NAME / "nnUNetPlans.json").read_text())
     config = plans["configurations"]["3d_fullres"]
     assert len(config["patch_size"]) == 3
-    shim_dir = base / "fias_test_shim_3d"
-    write_test_shim(shim_dir)
     results = tmp_path_factory.mktemp("e2e3d") / "results"
-    env = nnunet_env(root, ext_dirs=[PACKAGE_SHIM_DIR, shim_dir], nnUNet_results=str(results))
+    env = nnunet_env(root, ext_dirs=[PACKAGE_SHIM_DIR, test_shim], nnUNet_results=str(results))
 
     run_tool("nnUNetv2_train", [DATASET3D_ID, "3d_fullres", 0, "-tr", FIAS_TR, "-device", "cpu"],
              dict(env, nnUNet_n_proc_DA="0"))
@@ -62,10 +59,10 @@ class _Tiny3dTrainer(FIASTrainer):
     fias_overrides = tiny_fias_overrides()
 
 
-def test_batch_fitting_measures_large_patches_at_a_smaller_patch(tmp_path_factory, monkeypatch):
+def test_batch_fitting_measures_large_patches_at_a_smaller_patch(tiny_dataset_3d, tmp_path_factory, monkeypatch):
     import nnunetv2_fias.trainers.batch_fit as batch_fit
 
-    root = prepared_dataset_3d(tmp_path_factory.getbasetemp())
+    root = tiny_dataset_3d
     for name, folder in (("nnUNet_raw", root / "raw"), ("nnUNet_preprocessed", root / "preprocessed"),
                          ("nnUNet_results", tmp_path_factory.mktemp("fit3d"))):
         monkeypatch.setenv(name, str(folder))

@@ -1,16 +1,15 @@
 """End-to-end: FIAS through nnU-Net's own command-line tools on a tiny generated 2D dataset, on the CPU.
 
-plan_and_preprocess -> 5 folds x 2 trainers (tiny-budget FIAS variant and nnUNetTrainer at equal budget, --npz)
--> find_best_configuration -> predict (each model, with probabilities) -> ensemble -> postprocessing ->
-export to zip -> install into a fresh results folder -> predict_from_modelfolder; then --c and --val. Asserts on
-artifacts, shapes and label sets, never on accuracy.
+plan_and_preprocess -> 5 folds x 2 trainers (tiny-budget FIAS variant and nnUNetTrainer at equal budget, --npz;
+the session's ``trained_folds``) -> find_best_configuration -> predict (each model, with probabilities) -> ensemble
+-> postprocessing -> export to zip -> install into a fresh results folder -> predict_from_modelfolder; then --c and
+--val. Asserts on artifacts, shapes and label sets, never on accuracy.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,11 +18,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_env import (DATASET_ID, DATASET_NAME, LABELS, NUM_TEST, TINY_EPOCHS, nnunet_env, prepared_dataset,
-                        run_tool, write_test_shim, PACKAGE_SHIM_DIR, IMAGE_SIZE, NUM_TRAIN)
+from nnunet_env import (DATASET_ID, DATASET_NAME, E2E_TRAINERS, IMAGE_SIZE, LABELS, NUM_TEST, NUM_TRAIN, TINY_EPOCHS,
+                        copy_results, run_tool)
 
-FIAS_TR = "FIASTrainer_e2eTiny"
-BASE_TR = "nnUNetTrainer_e2eTiny"
+FIAS_TR, BASE_TR = E2E_TRAINERS
 FOLDS = [0, 1, 2, 3, 4]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,33 +47,28 @@ def _assert_segmentations(folder: Path, names: list[str]) -> dict[str, np.ndarra
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Plans, preprocesses and trains both trainers on all five folds; returns the paths and the timings."""
-    t0 = time.perf_counter()
-    base = tmp_path_factory.getbasetemp()
-    root = prepared_dataset(base)
-    shim_dir = base / "fias_test_shim"
-    write_test_shim(shim_dir)
-    work = tmp_path_factory.mktemp("e2e")
-    results = work / "results"
-    env = nnunet_env(root, ext_dirs=[PACKAGE_SHIM_DIR, shim_dir], nnUNet_results=str(results))
-    # nnUNet_n_proc_DA=0: augmentation in the main process. Background workers only cost start-up time here.
-    train_env = dict(env, nnUNet_n_proc_DA="0")
+def pipeline(trained_folds, tmp_path_factory):
+    """The five trained folds of both trainers, a working folder and the timings of the commands run here."""
     timings: dict = {}
-
-    def train_all_folds(trainer: str) -> None:
-        for fold in FOLDS:
-            run_tool("nnUNetv2_train", [DATASET_ID, "2d", fold, "-tr", trainer, "-device", "cpu", "--npz"],
-                     train_env, timings)
-
-    # The two trainers' runs are independent; overlapping them hides much of nnU-Net's per-process start-up.
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(train_all_folds, (FIAS_TR, BASE_TR)))
-    info = dict(root=root, results=results, env=env, train_env=train_env, work=work, timings=timings,
-                raw_ts=root / "raw" / DATASET_NAME / "imagesTs")
-    timings["train_total_s"] = round(time.perf_counter() - t0, 1)
-    yield info
+    yield dict(trained_folds, work=tmp_path_factory.mktemp("e2e"), timings=timings,
+               raw_ts=trained_folds["root"] / "raw" / DATASET_NAME / "imagesTs")
     print("\ne2e timings (s):", json.dumps(timings))
+
+
+@pytest.fixture(scope="module")
+def predictions(pipeline) -> dict[str, Path]:
+    """``nnUNetv2_predict`` of the test images with each trainer's five folds, with probabilities."""
+    preds = {trainer: pipeline["work"] / f"pred_{trainer}" for trainer in (FIAS_TR, BASE_TR)}
+
+    def predict(trainer: str) -> None:
+        run_tool("nnUNetv2_predict", ["-i", pipeline["raw_ts"], "-o", preds[trainer], "-d", DATASET_ID, "-c", "2d",
+                                      "-tr", trainer, "-f", *FOLDS, "-device", "cpu", "--save_probabilities",
+                                      "-npp", "1", "-nps", "1", "--disable_progress_bar"], pipeline["env"],
+                 pipeline["timings"])
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(predict, preds))
+    return preds
 
 
 def test_five_folds_leave_nnunet_artifacts_and_caf_balance(pipeline):
@@ -108,7 +101,7 @@ def test_five_folds_leave_nnunet_artifacts_and_caf_balance(pipeline):
         assert log.count("CAF global-branch weight") == TINY_EPOCHS
 
 
-def test_find_best_predict_ensemble_postprocess(pipeline):
+def test_find_best_predict_ensemble_postprocess(pipeline, predictions):
     env, results, work = pipeline["env"], pipeline["results"], pipeline["work"]
     run_tool("nnUNetv2_find_best_configuration",
              [DATASET_ID, "-c", "2d", "-tr", FIAS_TR, BASE_TR, "-np", "1"], env, pipeline["timings"])
@@ -119,15 +112,7 @@ def test_find_best_predict_ensemble_postprocess(pipeline):
     assert {m["trainer"] for m in chosen} <= {FIAS_TR, BASE_TR} and all(m["configuration"] == "2d" for m in chosen)
 
     names = [f"test_{i:03d}" for i in range(NUM_TEST)]
-    preds = {trainer: work / f"pred_{trainer}" for trainer in (FIAS_TR, BASE_TR)}
-
-    def predict(trainer: str) -> None:
-        run_tool("nnUNetv2_predict", ["-i", pipeline["raw_ts"], "-o", preds[trainer], "-d", DATASET_ID, "-c", "2d",
-                                      "-tr", trainer, "-f", *FOLDS, "-device", "cpu", "--save_probabilities",
-                                      "-npp", "1", "-nps", "1", "--disable_progress_bar"], env, pipeline["timings"])
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(predict, preds))
+    preds = predictions
     for trainer, out in preds.items():
         _assert_segmentations(out, names)
         for name in names:
@@ -150,7 +135,7 @@ def test_find_best_predict_ensemble_postprocess(pipeline):
     _assert_segmentations(pp, names)
 
 
-def test_export_install_and_predict_from_modelfolder(pipeline):
+def test_export_install_and_predict_from_modelfolder(pipeline, predictions):
     env, work = pipeline["env"], pipeline["work"]
     names = [f"test_{i:03d}" for i in range(NUM_TEST)]
     zip_file = work / "fias_model.zip"
@@ -171,11 +156,8 @@ def test_export_install_and_predict_from_modelfolder(pipeline):
                                                    "--disable_progress_bar"], install_env, pipeline["timings"])
     from_zip = _assert_segmentations(out, names)
     # Same weights, same input: the installed model must predict exactly what the trained one does.
-    reference = work / f"pred_{FIAS_TR}"
-    if not reference.is_dir():
-        pytest.skip("reference prediction comes from test_find_best_predict_ensemble_postprocess")
     for name in names:
-        np.testing.assert_array_equal(from_zip[name], _read(reference / f"{name}.nii.gz"))
+        np.testing.assert_array_equal(from_zip[name], _read(predictions[FIAS_TR] / f"{name}.nii.gz"))
 
 
 def test_checkpoint_reloads_into_network_rebuilt_from_results_folder(pipeline):
@@ -230,9 +212,11 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_validation_only_and_continue(pipeline):
+def test_validation_only_and_continue(pipeline, tmp_path):
     """--val on one fold (validation redone, checkpoint untouched) and --c on another after raising the epoch
-    budget (training resumes at the saved epoch, CAF history included); independent, so run side by side."""
+    budget (training resumes at the saved epoch, CAF history included); independent, so run side by side. On a copy
+    of the trained folds, which the other tests read as trained."""
+    pipeline = copy_results(pipeline, tmp_path / "results")
     model = _model_dir(pipeline["results"], FIAS_TR)
     val_fold, cont_fold = model / "fold_1", model / "fold_2"
     ckpt_before = _sha(val_fold / "checkpoint_final.pth")

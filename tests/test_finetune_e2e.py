@@ -1,5 +1,5 @@
 """Fine-tuning across label sets through nnU-Net's own command: a tiny FIAS trained on the 3-label dataset
-(background, disk, square), then ``nnUNetv2_train ... -pretrained_weights`` on a 2-label one (background, disk).
+(background, disk, square; fold 0 of the session's ``trained_folds``), then ``nnUNetv2_train ... -pretrained_weights`` on a 2-label one (background, disk).
 
 nnU-Net's loader transfers every tensor except those whose key contains ``.seg_layers.``; FIAS's heads carry that
 name, so the encoder and decoder start from the first training and only the heads are new.
@@ -7,7 +7,6 @@ name, so the encoder and decoder start from the first training and only the head
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_env import (DATASET_ID, DATASET_NAME, PACKAGE_SHIM_DIR, nnunet_env, prepared_dataset, run_tool,
-                        tiny_fias_overrides)
+from nnunet_env import DATASET_NAME, E2E_TRAINERS, PACKAGE_SHIM_DIR, nnunet_env, run_tool, tiny_fias_overrides
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -67,8 +65,8 @@ def _two_label_dataset(src: Path, dst: Path) -> None:
                           len(list((dst / "labelsTr").glob("*.nii.gz"))), ".nii.gz", dataset_name=FT_NAME)
 
 
-def test_finetune_into_a_dataset_with_fewer_labels(tmp_path_factory):
-    root = prepared_dataset(tmp_path_factory.getbasetemp())
+def test_finetune_into_a_dataset_with_fewer_labels(trained_folds, tmp_path_factory):
+    root = trained_folds["root"]
     work = tmp_path_factory.mktemp("finetune")
     shim = work / "shim"
     shim.mkdir()
@@ -77,19 +75,14 @@ def test_finetune_into_a_dataset_with_fewer_labels(tmp_path_factory):
     # Own raw/preprocessed folders for the 2-label dataset: the shared tiny dataset stays untouched.
     ft_root = work / "nnunet"
     _two_label_dataset(root / "raw" / DATASET_NAME, ft_root / "raw" / FT_NAME)
-    results = work / "results"
     ext = [PACKAGE_SHIM_DIR, shim]
-    train = ["2d", 0, "-tr", TRAINER, "-device", "cpu"]
-    # Planning the 2-label dataset and the first training are independent: overlapping them hides start-up time.
-    with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(run_tool, "nnUNetv2_plan_and_preprocess",
-                            ["-d", FT_ID, "-c", "2d", "-np", "1", "-npfp", "1"], nnunet_env(ft_root, ext)),
-                pool.submit(run_tool, "nnUNetv2_train", [DATASET_ID, *train],
-                            nnunet_env(root, ext, nnUNet_results=str(results), nnUNet_n_proc_DA="0"))]
-        for job in jobs:
-            job.result()
-    pretrained = results / DATASET_NAME / f"{TRAINER}__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth"
-    run_tool("nnUNetv2_train", [FT_ID, *train, "-pretrained_weights", pretrained],
+    run_tool("nnUNetv2_plan_and_preprocess", ["-d", FT_ID, "-c", "2d", "-np", "1", "-npfp", "1"],
+             nnunet_env(ft_root, ext))
+    # The same tiny network as FIASTrainer_ftTiny, trained on the 3-label dataset.
+    pretrained = (trained_folds["results"] / DATASET_NAME / f"{E2E_TRAINERS[0]}__nnUNetPlans__2d" / "fold_0"
+                  / "checkpoint_final.pth")
+    results = work / "results"
+    run_tool("nnUNetv2_train", [FT_ID, "2d", 0, "-tr", TRAINER, "-device", "cpu", "-pretrained_weights", pretrained],
              nnunet_env(ft_root, ext, nnUNet_results=str(results), nnUNet_n_proc_DA="0"))
 
     fold = results / FT_NAME / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_env import load_plans_and_dataset_json, prepared_dataset, tiny_fias_overrides
+from nnunet_env import load_plans_and_dataset_json, tiny_fias_overrides
 from nnunetv2_fias.architectures import FIAS
 from nnunetv2_fias.architectures.attention import dilated_neighborhood_attention
 from nnunetv2_fias.trainers import FIASTrainer
@@ -24,8 +24,8 @@ class TinyFIASTrainer(FIASTrainer):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory.getbasetemp())
+def root(tiny_dataset):
+    return tiny_dataset
 
 
 def _construct(root, results, plans=None, cls=TinyFIASTrainer):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_env import DATASET_NAME, load_plans_and_dataset_json, prepared_dataset, tiny_fias_overrides
+from nnunet_env import DATASET_NAME, load_plans_and_dataset_json, tiny_fias_overrides
 from nnunetv2_fias.architectures import FIAS, LoadReport, load_dilateformer_weights
 from nnunetv2_fias.trainers import FIASTrainer_ImageNet, FIASTrainer_ImageNet_B, FIASTrainer_ImageNet_S
 
@@ -299,8 +299,8 @@ def test_files_that_are_not_dilateformer_checkpoints(tmp_path, tiny_checkpoint):
 
 # ---------------------------------------------------------------------------------------------------- trainers
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory.getbasetemp())
+def root(tiny_dataset):
+    return tiny_dataset
 
 
 def _construct(cls, root, results):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from nnunet_env import (DATASET_ID, DATASET_NAME, PACKAGE_SHIM_DIR, load_plans_and_dataset_json, nnunet_env,
-                        prepared_dataset, tiny_fias_overrides)
+                        tiny_fias_overrides)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -92,8 +92,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory.getbasetemp())
+def root(tiny_dataset):
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_env import (DATASET_ID, DATASET_NAME, PACKAGE_SHIM_DIR, nnunet_env, prepared_dataset,
-                        write_test_shim)
+from nnunet_env import DATASET_ID, DATASET_NAME, PACKAGE_SHIM_DIR, nnunet_env
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -48,9 +47,8 @@ def _ddp_ranks(root: Path, tmp_path: Path, deep_supervision: bool, patch_size=No
 
 
 @pytest.mark.parametrize("deep_supervision", [True, False], ids=["DS", "NoDS"])
-def test_ddp_training_step_without_find_unused_parameters(tmp_path_factory, tmp_path, deep_supervision):
-    root = prepared_dataset(tmp_path_factory.getbasetemp())
-    ranks = _ddp_ranks(root, tmp_path, deep_supervision)
+def test_ddp_training_step_without_find_unused_parameters(tiny_dataset, tmp_path, deep_supervision):
+    ranks = _ddp_ranks(tiny_dataset, tmp_path, deep_supervision)
     for r in ranks:
         assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])  # finite, two completed steps
         assert r["max_param_diff"] == 0.0
@@ -61,26 +59,21 @@ def test_ddp_training_step_without_find_unused_parameters(tmp_path_factory, tmp_
             assert r["n_outputs"] == 1
 
 
-def test_ddp_batch_one_per_process_with_a_1x1_stage(tmp_path_factory, tmp_path):
+def test_ddp_batch_one_per_process_with_a_1x1_stage(tiny_dataset, tmp_path):
     """nnU-Net's -num_gpus 2 on a plan with batch 2 gives each process one sample; at a 32x32 patch FIAS's coarsest
     stage is 1x1, where plain BatchNorm has a single value per channel and cannot train."""
-    root = prepared_dataset(tmp_path_factory.getbasetemp())
-    ranks = _ddp_ranks(root, tmp_path, True, patch_size=[32, 32], split_batch=True)
+    ranks = _ddp_ranks(tiny_dataset, tmp_path, True, patch_size=[32, 32], split_batch=True)
     for r in ranks:
         assert r["batch_size"] == 1
         assert len(r["losses"]) == 2 and all(math.isfinite(l) for l in r["losses"])
         assert r["max_param_diff"] == 0.0 and r["n_outputs"] == 4
 
 
-def test_training_under_spawn_start_method(tmp_path_factory, tmp_path):
+def test_training_under_spawn_start_method(tiny_dataset, test_shim, tmp_path):
     """nnUNetv2_train's entry point with the spawn start method and a data-augmentation worker process, and the
     trainer class nnU-Net discovers through the shim survives pickling into a spawned process."""
-    base = tmp_path_factory.getbasetemp()
-    root = prepared_dataset(base)
-    shim_dir = base / "fias_test_shim"
-    write_test_shim(shim_dir)
     results = tmp_path / "results"
-    env = nnunet_env(root, ext_dirs=[PACKAGE_SHIM_DIR, shim_dir], nnUNet_results=str(results),
+    env = nnunet_env(tiny_dataset, ext_dirs=[PACKAGE_SHIM_DIR, test_shim], nnUNet_results=str(results),
                      nnUNet_n_proc_DA="1", FIAS_TEST_EPOCHS="1")
     code = (
         "import multiprocessing as mp, pickle, sys\n"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_env import DATASET_NAME, load_plans_and_dataset_json, prepared_dataset, tiny_fias_overrides
+from nnunet_env import DATASET_NAME, load_plans_and_dataset_json, tiny_fias_overrides
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -28,8 +28,8 @@ class TinyFIASTrainer(FIASTrainer):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory.getbasetemp())
+def root(tiny_dataset):
+    return tiny_dataset
 
 
 @pytest.fixture

@@ -50,6 +50,19 @@ def _construct(cls, plans, dataset_json, configuration="2d", device=torch.device
     return cls(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json, device=device)
 
 
+def test_trainers_and_network_import_no_command_package():
+    """The trainer and the network stand alone: none of the benchmark, demo or evaluation commands' modules is
+    loaded with them (a fresh interpreter: this test session has imported them all)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nnunetv2_fias.trainers, nnunetv2_fias.architectures.measure\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('nnunetv2_fias.benchmark', 'nnunetv2_fias.demo', "
+            "'nnunetv2_fias.evaluation'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def test_public_trainers_keep_nnunet_signature_and_names():
     names = [c.__name__ for c in trainers.TRAINERS]
     assert names == ["FIASTrainer", "FIASTrainer_5epochs", "FIASTrainer_100epochs", "FIASTrainer_250epochs",

@@ -323,6 +323,15 @@ def ddp_worker(rank: int, world_size: int, root: str, results: str, port: int, d
         dist.destroy_process_group()
 
 
+def ddp_cases(rank: int, world_size: int, root: str, results: str, cases: list) -> None:
+    """:func:`ddp_worker` for each ``(name, report_dir, port, deep_supervision, patch_size, split_batch)`` in turn,
+    each in a process group of its own."""
+    for name, report_dir, port, deep_supervision, patch_size, split_batch in cases:
+        os.makedirs(report_dir, exist_ok=True)
+        ddp_worker(rank, world_size, root, os.path.join(results, name), port, deep_supervision, report_dir,
+                   patch_size, split_batch)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A tiny anisotropic 3D dataset for the 3d_fullres end-to-end test.
 

@@ -32,24 +32,30 @@ def _run_python(code: str, folder: Path, env: dict, timeout: float = 400) -> sub
     return proc
 
 
-def _ddp_ranks(root: Path, tmp_path: Path, deep_supervision: bool, patch_size=None, split_batch=False) -> list:
-    report = tmp_path / "report"
-    report.mkdir()
+# The DDP cases: (deep supervision, patch size, split the planned batch over the ranks as -num_gpus does).
+DDP_CASES = {"DS": (True, None, False), "NoDS": (False, None, False), "batch1": (True, [32, 32], True)}
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tiny_dataset, tmp_path_factory) -> dict[str, list[dict]]:
+    """Each rank's report per case of :data:`DDP_CASES`: two training steps on 2 gloo processes, one process group
+    per case; the cases share one pair of processes, which costs the start-up of torch and nnU-Net once."""
+    work = tmp_path_factory.mktemp("ddp")
+    cases = [(name, str(work / name), _free_port(), *case) for name, case in DDP_CASES.items()]
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "import torch.multiprocessing as mp, nnunet_env\n"
         "if __name__ == '__main__':\n"
-        "    mp.spawn(nnunet_env.ddp_worker, args=(2, %r, %r, %d, %r, %r, %r, %r), nprocs=2, join=True)\n"
-        % (str(TESTS_DIR), str(root), str(tmp_path / "results"), _free_port(), deep_supervision, str(report),
-           patch_size, split_batch))
-    _run_python(code, tmp_path, nnunet_env(root, nnUNet_results=str(tmp_path / "results")))
-    return [json.loads((report / f"rank{r}.json").read_text()) for r in range(2)]
+        "    mp.spawn(nnunet_env.ddp_cases, args=(2, %r, %r, %r), nprocs=2, join=True)\n"
+        % (str(TESTS_DIR), str(tiny_dataset), str(work / "results"), cases))
+    _run_python(code, work, nnunet_env(tiny_dataset, nnUNet_results=str(work / "results")))
+    return {name: [json.loads((work / name / f"rank{r}.json").read_text()) for r in range(2)] for name in DDP_CASES}
 
 
-@pytest.mark.parametrize("deep_supervision", [True, False], ids=["DS", "NoDS"])
-def test_ddp_training_step_without_find_unused_parameters(tiny_dataset, tmp_path, deep_supervision):
-    ranks = _ddp_ranks(tiny_dataset, tmp_path, deep_supervision)
-    for r in ranks:
+@pytest.mark.parametrize("case", ["DS", "NoDS"])
+def test_ddp_training_step_without_find_unused_parameters(ddp_ranks, case):
+    deep_supervision = DDP_CASES[case][0]
+    for r in ddp_ranks[case]:
         assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])  # finite, two completed steps
         assert r["max_param_diff"] == 0.0
         if deep_supervision:
@@ -59,11 +65,10 @@ def test_ddp_training_step_without_find_unused_parameters(tiny_dataset, tmp_path
             assert r["n_outputs"] == 1
 
 
-def test_ddp_batch_one_per_process_with_a_1x1_stage(tiny_dataset, tmp_path):
+def test_ddp_batch_one_per_process_with_a_1x1_stage(ddp_ranks):
     """nnU-Net's -num_gpus 2 on a plan with batch 2 gives each process one sample; at a 32x32 patch FIAS's coarsest
     stage is 1x1, where plain BatchNorm has a single value per channel and cannot train."""
-    ranks = _ddp_ranks(tiny_dataset, tmp_path, True, patch_size=[32, 32], split_batch=True)
-    for r in ranks:
+    for r in ddp_ranks["batch1"]:
         assert r["batch_size"] == 1
         assert len(r["losses"]) == 2 and all(math.isfinite(l) for l in r["losses"])
         assert r["max_param_diff"] == 0.0 and r["n_outputs"] == 4

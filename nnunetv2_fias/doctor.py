@@ -51,21 +51,39 @@ def ext_trainer_value(current: str | None) -> str:
     return os.pathsep.join(parts)
 
 
+# torch's CPU operators run in OpenMP parallel regions, and GNU OpenMP's default lets a thread that reaches the end of
+# a region spin for the others. When another process holds one of the cores (nnU-Net's augmentation or export
+# workers, a second job), every region waits for a descheduled thread: FIAS, with many small operators, measured up to
+# 17x slower at 2 threads under load (docs/benchmarks.md), the U-Net about 4x. Waiting threads that sleep at once
+# (OMP_WAIT_POLICY=PASSIVE) remove that. OpenMP reads the variable when torch loads, so it must be in the environment
+# of nnUNetv2_train / nnUNetv2_predict before they start: `env` exports it unless the user has set it.
+OMP_WAIT_ADVICE = "OMP_WAIT_POLICY=PASSIVE"
+
+
+def env_lines(shell: str, environ: dict[str, str] | None = None) -> list[str]:
+    """The lines ``nnunetv2_fias env`` prints: nnUNet_extTrainer with the shim folder, and OMP_WAIT_POLICY unless
+    it is set already."""
+    environ = os.environ if environ is None else environ
+    values = {"nnUNet_extTrainer": ext_trainer_value(environ.get("nnUNet_extTrainer"))}
+    if not environ.get("OMP_WAIT_POLICY"):
+        values["OMP_WAIT_POLICY"] = "PASSIVE"
+    if shell == "sh":
+        return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
+    if shell == "fish":
+        return [f"set -gx {k} {shlex.quote(v)}" for k, v in values.items()]
+    return [f"$env:{k} = '" + v.replace("'", "''") + "'" for k, v in values.items()]
+
+
 def main_env(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_fias env",
-        description="Print the shell command that lets nnU-Net find the FIAS trainers (nnUNet_extTrainer). "
+        description="Print the shell commands that let nnU-Net find the FIAS trainers (nnUNet_extTrainer) and keep "
+                    "OpenMP threads from spinning on a shared CPU (OMP_WAIT_POLICY=PASSIVE, unless already set). "
                     "Use it as: eval \"$(nnunetv2_fias env)\"; put that line in your shell profile to keep it.")
     parser.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh",
-                        help="syntax of the printed line: sh (bash/zsh, default), fish or powershell")
+                        help="syntax of the printed lines: sh (bash/zsh, default), fish or powershell")
     args = parser.parse_args(argv)
-    value = ext_trainer_value(os.environ.get("nnUNet_extTrainer"))
-    if args.shell == "sh":
-        print(f"export nnUNet_extTrainer={shlex.quote(value)}")
-    elif args.shell == "fish":
-        print(f"set -gx nnUNet_extTrainer {shlex.quote(value)}")
-    else:
-        print("$env:nnUNet_extTrainer = '" + value.replace("'", "''") + "'")
+    print("\n".join(env_lines(args.shell)))
     return 0
 
 
@@ -318,6 +336,10 @@ def _check_device(rep: _Report) -> None:
         rep.warn(f"torch {torch.__version__}: no CUDA device, training and prediction will run on the CPU (slow: "
                  f"hours per epoch for real 2D datasets)",
                  "pass -device cpu to nnUNetv2_train and nnUNetv2_predict; for real training use a machine with a GPU")
+    if not os.environ.get("OMP_WAIT_POLICY"):
+        rep.warn("OMP_WAIT_POLICY is unset: on a CPU shared with nnU-Net's workers or other jobs, OpenMP threads "
+                 "spin-wait for descheduled peers and FIAS's many small operators slow down many times over",
+                 'eval "$(nnunetv2_fias env)" (exports OMP_WAIT_POLICY=PASSIVE), or export it yourself')
     if nnunet_compiles("mps" if mps else "cpu", value)[1]:
         rep.warn(f"nnUNet_compile{shown} makes nnU-Net's predictor compile the network (training never compiles "
                  f"on the {'MPS device' if mps else 'CPU'}); compiling is several times slower on the CPU and "

@@ -163,6 +163,9 @@ class LostPeerError(RuntimeError):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device == "cpu":
+        # Before torch loads OpenMP (it reads the variable once): see nnunetv2_fias.doctor.OMP_WAIT_ADVICE.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from nnunetv2_fias.distributed import DistributedSetupError, torchrun_env
 
     try:

@@ -413,3 +413,25 @@ def test_process_group_is_left_on_error_and_ddp_patch_is_scoped(monkeypatch):
     assert trainer_module.DDP is original_ddp
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(2)))
     assert isinstance(converted[0], nn.SyncBatchNorm)
+
+
+@pytest.mark.parametrize("device, expected", [("cpu", "PASSIVE"), ("cuda", None)])
+def test_train_sets_a_passive_openmp_wait_policy_on_the_cpu_before_torch_loads(monkeypatch, device, expected):
+    from nnunetv2_fias import distributed, train
+
+    class Reached(Exception):
+        pass
+
+    def stop():
+        raise Reached(os.environ.get("OMP_WAIT_POLICY"))
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "placeholder")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(distributed, "torchrun_env", stop)
+    with pytest.raises(Reached) as seen:
+        train.main(["987", "2d", "0", "-device", device])
+    assert seen.value.args[0] == expected
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice stays
+    with pytest.raises(Reached) as seen:
+        train.main(["987", "2d", "0", "-device", device])
+    assert seen.value.args[0] == "ACTIVE"

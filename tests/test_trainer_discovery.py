@@ -188,6 +188,7 @@ def test_doctor_warns_about_compiling_on_the_cpu_only_when_nnunet_would(monkeypa
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # its own warning is tested below
     if value is None:
         monkeypatch.delenv("nnUNet_compile", raising=False)
     else:
@@ -230,3 +231,27 @@ def test_doctor_on_cuda_says_training_compiles_by_default_and_prediction_does_no
     monkeypatch.setenv("nnUNet_compile", "t")
     doctor._check_device(rep)
     assert "its predictor compiles it" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shell, line", [("sh", "export OMP_WAIT_POLICY=PASSIVE"),
+                                         ("fish", "set -gx OMP_WAIT_POLICY PASSIVE"),
+                                         ("powershell", "$env:OMP_WAIT_POLICY = 'PASSIVE'")])
+def test_env_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one(monkeypatch, capsys, shell, line):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert doctor.main_env(["--shell", shell]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1:] == [line] and "nnUNet_extTrainer" in lines[0]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert doctor.main_env(["--shell", shell]) == 0
+    assert "OMP_WAIT_POLICY" not in capsys.readouterr().out
+
+
+def test_doctor_on_the_cpu_warns_about_an_unset_openmp_wait_policy(monkeypatch, capsys):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    findings = doctor.run_checks().findings
+    if any("CUDA device cuda:0" in f.text for f in findings):
+        pytest.skip("this check is for CPU-only machines")
+    warned = [f for f in findings if "OMP_WAIT_POLICY is unset" in f.text]
+    assert len(warned) == 1 and warned[0].level == "warn" and "nnunetv2_fias env" in warned[0].fix
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert not [f for f in doctor.run_checks().findings if "OMP_WAIT_POLICY" in f.text]

@@ -53,8 +53,8 @@ def ext_trainer_value(current: str | None) -> str:
 
 # torch's CPU operators run in OpenMP parallel regions, and GNU OpenMP's default lets a thread that reaches the end of
 # a region spin for the others. When another process holds one of the cores (nnU-Net's augmentation or export
-# workers, a second job), every region waits for a descheduled thread: FIAS, with many small operators, measured up to
-# 17x slower at 2 threads under load (docs/benchmarks.md), the U-Net about 4x. Waiting threads that sleep at once
+# workers, a second job), every region waits for a descheduled thread, and FIAS, with many small operators, slows down
+# far more than the U-Net (docs/benchmarks.md, "FIAS on a busy CPU"). Waiting threads that sleep at once
 # (OMP_WAIT_POLICY=PASSIVE) remove that. OpenMP reads the variable when torch loads, so it must be in the environment
 # of nnUNetv2_train / nnUNetv2_predict before they start: `env` exports it unless the user has set it.
 OMP_WAIT_ADVICE = "OMP_WAIT_POLICY=PASSIVE"

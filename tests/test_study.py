@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_env import BIN_DIR, DATASET_NAME, NUM_TEST, NUM_TRAIN, PACKAGE_SHIM_DIR, make_raw_dataset, \
+from nnunet_env import BIN_DIR, DATASET_NAME, NUM_TEST, PACKAGE_SHIM_DIR, make_raw_dataset, \
     nnunet_env, write_test_shim
 from nnunetv2_fias.study import commands, execute, stats
 from nnunetv2_fias.study.grid import Grid, Model, StudyError, TrainJob, check_study_dir, write_study

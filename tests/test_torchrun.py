@@ -3,7 +3,6 @@ torchrun agents, c10d rendezvous on 127.0.0.1, gloo on the CPU), for FIASTrainer
 and device logic; FIASTrainer's atomic checkpoints."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_env import (DATASET_ID, DATASET_NAME, PACKAGE_SHIM_DIR, load_plans_and_dataset_json, nnunet_env,
+from nnunet_env import (DATASET_ID, DATASET_NAME, PACKAGE_SHIM_DIR, nnunet_env,
                         tiny_fias_overrides)
 
 pytestmark = pytest.mark.timeout(300)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Callable, Sequence, Type
+from typing import Callable, Type
 
 import torch
 import torch.nn.functional as F

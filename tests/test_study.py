@@ -386,6 +386,10 @@ def test_slurm_scripts_are_valid_and_the_array_task_runs_exactly_its_job(killed_
     status = _study("status", str(k["study"]), env=k["env"], timeout=300).stdout
     assert "done" in re_line(status, f"[2] train {BASE_TR}")
     assert "to-do" in re_line(status, f"select {BASE_TR}"), status  # its folds changed: select again
+    # The other tests of killed_and_finished read the finished study, in whatever order they run: finish it again.
+    rerun = _study("run", str(k["study"]), "--executor", "local", "--device", "cpu", env=k["env"])
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert _study("status", str(k["study"]), env=k["env"], timeout=300).stdout.strip().splitlines()[-1] == "8 done"
 
 
 def test_a_fold_over_several_gpus_or_nodes_is_a_torchrun_job_of_nnunetv2_fias_train(monkeypatch):

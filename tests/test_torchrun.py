@@ -3,6 +3,7 @@ torchrun agents, c10d rendezvous on 127.0.0.1, gloo on the CPU), for FIASTrainer
 and device logic; FIASTrainer's atomic checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,7 +54,7 @@ class _Probe:
                 and self.current_epoch == int(os.environ.get("TR_STALL_EPOCH", "-1"))):
             with open(os.path.join(os.environ["TR_REPORT"], "stalled"), "w") as f:
                 f.write(f"{os.environ['TR_NODE']} {os.getpid()}")
-            time.sleep(600)
+            time.sleep(180)  # the test kills it long before; bounded so that no stray worker outlives a failed test
         super().on_train_epoch_start()
 
     def on_train_end(self):
@@ -214,6 +215,9 @@ def test_two_nodes_fias_lost_node_then_resume(root, shim_dir, tmp_path):
     finally:
         for p in procs:
             _stop(p)
+        if stalled.exists() and len(stalled.read_text().split()) == 2:  # on any failure, the stalled worker too
+            with contextlib.suppress(OSError):
+                os.kill(int(stalled.read_text().split()[1]), signal.SIGKILL)
     log = logs[survivor].read_text()
     assert code != 0 and waited < 20 + 30, (code, waited, log[-6000:])
     assert "rank 0 of 2 lost contact with the other processes of this job" in log, log[-6000:]

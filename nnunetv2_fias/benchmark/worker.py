@@ -58,26 +58,11 @@ def _training_loss(spec: dict, model, labels):
     return DeepSupervisionWrapper(loss, loss_weights(spec["kind"], len(sizes))), target
 
 
-def worker_main(spec: dict) -> int:
-    """One model in its own process: report size and FLOPs, then run timed steps on request from stdin.
-
-    Commands (one per line): ``train``, ``fwd_bwd``, ``infer`` (each answered with ``{"ms": wall, "cpu_ms": process
-    CPU}``) and ``quit``, answered with the peak memory and then the activation memory of one training forward pass
-    (measured last, so that its float32 forward does not enter the peak of an ``--amp`` run).
-    """
+def _timed_steps(spec: dict, model, device) -> tuple[dict, object]:
+    """``{"train", "fwd_bwd", "infer"}`` step functions on a fixed random batch, and that batch's input."""
     import torch
 
-    from nnunetv2_fias.architectures.measure import count_flops, saved_activation_mb, set_deep_supervision
-
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    device = torch.device(spec["device"])
-    # Resident memory of torch and nnU-Net alone, before this process built anything.
-    base_mem = _current_rss_mb() if device.type == "cpu" else 0.0
-    torch.manual_seed(spec.get("seed", 0))
-    model = build_model(spec).to(device)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops = count_flops(model, spec["channels"], spec["patch"], device)
+    from nnunetv2_fias.architectures.measure import set_deep_supervision
 
     batch, patch, classes = spec["batch"], tuple(spec["patch"]), spec["classes"]
     x = torch.randn(batch, spec["channels"], *patch, device=device)
@@ -89,10 +74,6 @@ def worker_main(spec: dict) -> int:
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     def fwd_bwd_step():
         model.train()
@@ -113,8 +94,17 @@ def worker_main(spec: dict) -> int:
         with torch.inference_mode(), autocast():
             model(x_infer)
 
-    steps = {"train": train_step, "fwd_bwd": fwd_bwd_step, "infer": infer_step}
-    _send({"ready": True, "params": params, "flops": flops, "base_mem_mb": base_mem})
+    return {"train": train_step, "fwd_bwd": fwd_bwd_step, "infer": infer_step}, x
+
+
+def _serve(steps: dict, device) -> None:
+    """Answer timing commands from stdin until ``quit``."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for line in sys.stdin:
         command = line.strip()
         if command == "quit":
@@ -127,6 +117,31 @@ def worker_main(spec: dict) -> int:
         steps[command]()
         sync()
         _send({"ms": (time.perf_counter() - t0) * 1e3, "cpu_ms": (time.process_time() - c0) * 1e3})
+
+
+def worker_main(spec: dict) -> int:
+    """One model in its own process: report size and FLOPs, then run timed steps on request from stdin.
+
+    Commands (one per line): ``train``, ``fwd_bwd``, ``infer`` (each answered with ``{"ms": wall, "cpu_ms": process
+    CPU}``) and ``quit``, answered with the peak memory and then the activation memory of one training forward pass
+    (measured last, so that its float32 forward does not enter the peak of an ``--amp`` run).
+    """
+    import torch
+
+    from nnunetv2_fias.architectures.measure import count_flops, saved_activation_mb
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    # Resident memory of torch and nnU-Net alone, before this process built anything.
+    base_mem = _current_rss_mb() if device.type == "cpu" else 0.0
+    torch.manual_seed(spec.get("seed", 0))
+    model = build_model(spec).to(device)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = count_flops(model, spec["channels"], spec["patch"], device)
+    steps, x = _timed_steps(spec, model, device)
+    _send({"ready": True, "params": params, "flops": flops, "base_mem_mb": base_mem})
+    _serve(steps, device)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else _peak_rss_mb()
     _send({"peak_mem_mb": peak, "activation_mb": saved_activation_mb(model, x)})
     return 0

@@ -312,6 +312,22 @@ def default_num_processes() -> int:
     return max(1, min(n, available_cpus()))
 
 
+# ------------------------------------------------------------------------------------------------ commands
+def console_command(name: str) -> list[str] | None:
+    """A console command of this environment: the script next to ``sys.executable`` (so that the venv's nnU-Net is
+    used even where the venv is not on PATH), else the one on PATH; ``nnunetv2_fias`` falls back to ``python -m``.
+    None when there is none."""
+    import sys
+
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return [str(local)]
+    found = shutil.which(name)
+    if found is not None:
+        return [found]
+    return [sys.executable, "-m", "nnunetv2_fias.cli"] if name == "nnunetv2_fias" else None
+
+
 # ------------------------------------------------------------------------------------------------ devices
 def resolve_device(device: str | None, option: str = "--device") -> str:
     """``"auto"``/None -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; ``"cuda"`` without a GPU -> ValueError."""

@@ -101,16 +101,11 @@ def create_nnunet_folders(env: dict[str, str]) -> None:
 
 def console_command(name: str) -> list[str]:
     """A console command of this environment (next to sys.executable), so the venv's nnU-Net is used."""
-    path = Path(sys.executable).parent / name
-    if path.is_file():
-        return [str(path)]
-    if name == "nnunetv2_fias":
-        return [sys.executable, "-m", "nnunetv2_fias.cli"]
-    found = shutil.which(name)
-    if found is None:
+    command = _util.console_command(name)
+    if command is None:
         raise DemoError(f"cannot find the console command {name} next to {sys.executable} or on PATH; is nnunetv2 "
                         f"installed in this environment?")
-    return [found]
+    return command
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunetv2_fias import _util
 from nnunetv2_fias.study.grid import Grid, Model, TrainJob
 from nnunetv2_fias.study.layout import FoldState
 
@@ -27,15 +27,8 @@ class Options:
 
 
 def resolve(command: list[str]) -> list[str]:
-    """The console command next to this interpreter (the environment nnunetv2_fias runs in), else on PATH."""
-    name = command[0]
-    local = Path(sys.executable).parent / name
-    if local.is_file():
-        return [str(local), *command[1:]]
-    found = shutil.which(name)
-    if found is None and name == "nnunetv2_fias":
-        return [sys.executable, "-m", "nnunetv2_fias.cli", *command[1:]]
-    return [found or name, *command[1:]]
+    """The console command of this environment (the one nnunetv2_fias runs in); a missing one fails when run."""
+    return [*(_util.console_command(command[0]) or [command[0]]), *command[1:]]
 
 
 def show(command: list[str]) -> str:
@@ -145,6 +138,3 @@ def env_exports(env: dict[str, str]) -> list[str]:
     return [f"export {n}={shlex.quote(env[n])}" for n in names if env.get(n)] + [
         f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\""]
 
-
-def bin_dir() -> str:
-    return os.path.dirname(sys.executable)

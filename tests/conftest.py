@@ -9,6 +9,11 @@ import tempfile
 os.environ["nnUNet_compile"] = "f"  # compiling is slow on CPU and not what these tests check
 os.environ.setdefault("nnUNet_def_n_proc", "1")  # 8 worker processes cost minutes and GBs per fold on 2 cores
 os.environ.setdefault("MPLBACKEND", "Agg")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs two xdist workers on this project's 2 cores: one thread each (also for the nnU-Net commands
+    # they start), and idle OpenMP threads sleep, so the workers do not steal each other's cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _guard = tempfile.mkdtemp(prefix="nnunetv2_fias_tests_")
 for _name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
     os.environ[_name] = os.path.join(_guard, _name)
@@ -68,3 +73,40 @@ def trained_folds(tiny_dataset, test_shim, tmp_path_factory) -> dict:
         list(pool.map(train_all_folds, E2E_TRAINERS))
     return dict(root=tiny_dataset, results=results, env=env, train_env=train_env)
 
+
+
+# ------------------------------------------------------------------------------------------------ xdist grouping
+# `make test` runs the suite in two xdist workers (setup.cfg). Each test module goes to one worker as a whole, so
+# its module fixtures are built once, and the modules that read `trained_folds` go to the same worker, so the five
+# folds are trained once. Groups are handed out in collection order, the longest first (seconds on 2 cores), so that
+# no long group starts last and runs alone. (xdist's own `--dist loadgroup` cannot do this with pytest 9, whose
+# node ids ignore the group suffix xdist adds.)
+_TRAINED_FOLDS_MODULES = ("test_e2e_pipeline.py", "test_finetune_e2e.py")
+_LONGEST_GROUPS_FIRST = ("test_study.py", "trained_folds", "test_demo.py", "test_torchrun.py", "test_network.py",
+                         "test_e2e_3d.py", "test_trainer_processes.py", "test_benchmark.py")
+
+
+def _group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "trained_folds" if module in _TRAINED_FOLDS_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection order below
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    strays = sorted({item.path.name for item in items if "trained_folds" in getattr(item, "fixturenames", ())
+                     and _group(item.nodeid) != "trained_folds"})
+    if strays:
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(strays)} to _TRAINED_FOLDS_MODULES (its tests "
+                                "read trained_folds, which must be trained in one worker)")
+    rank = {name: i for i, name in enumerate(_LONGEST_GROUPS_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))  # stable: the order within a group kept

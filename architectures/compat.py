@@ -14,6 +14,12 @@ def _group(keys) -> str:
     return ", ".join(groups[:6]) + (f" and {len(groups) - 6} more" if len(groups) > 6 else "")
 
 
+def _stage_widths(shapes: dict) -> list[int]:
+    """Channels of each stage, read from the input of its CAF fusion (as far as the state dict has them)."""
+    return [shape[1] for key, shape in sorted(shapes.items())
+            if key.startswith("encoder.fusions.") and key.endswith(".squeeze.0.weight")]
+
+
 def check_checkpoint_fits(net: nn.Module, state_dict: dict) -> None:
     """Raise :class:`CheckpointMismatchError` naming what changed when ``state_dict`` does not fit ``net`` exactly."""
     own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -30,7 +36,12 @@ def check_checkpoint_fits(net: nn.Module, state_dict: dict) -> None:
     if any(k.startswith("decoder.stem_stages.") for k in unexpected):
         reasons.append("the checkpoint has full-resolution decoder stages, this network has none "
                        "(full_resolution_decoder=False)")
-    if any(k.startswith("encoder.global_branch.stem.") for k in missing + unexpected + reshaped):
+    widths = _stage_widths(own), _stage_widths(theirs)
+    if widths[0] != widths[1]:
+        reasons.append(f"the stage widths differ (checkpoint {widths[1]}, network {widths[0]}): another preset, or FIAS "
+                       "sized by another plan (FIASTrainer narrows FIAS on patches under 128x128; "
+                       "FIASTrainer_presetSize keeps the preset)")
+    elif any(k.startswith("encoder.global_branch.stem.") for k in missing + unexpected + reshaped):
         reasons.append("the global branch's stem differs: this network uses DilateFormer's official stem "
                        f"(stem_width={net.encoder.stem_channels[0]}); build it with the checkpoint's stem_width")
     head = "decoder.seg_layers.1.weight"

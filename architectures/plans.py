@@ -5,7 +5,7 @@ import math
 from typing import Mapping, Sequence
 
 from .building_blocks.helpers import get_matching_conv_op, to_ntuple
-from .config import NUM_DOWNSAMPLINGS, NUM_STAGES
+from .config import FIAS_PRESETS, NUM_DOWNSAMPLINGS, NUM_STAGES
 
 
 def _per_axis_list(values: Sequence, ndim: int) -> list[tuple[int, ...]]:
@@ -70,3 +70,43 @@ def fias_kwargs_from_plan(patch_size: Sequence[int], arch_kwargs: Mapping) -> di
         kwargs["stage_kernel_sizes"] = fias_stage_kernels_from_plan(arch_kwargs["kernel_sizes"],
                                                                     arch_kwargs.get("strides"), ndim)
     return kwargs
+
+
+# FIAS's size on small plans. FIAS's stages follow ImageNet's layout, where the stride-4 stage has thousands of
+# positions and each later stage twice the width on a quarter of them. nnU-Net stops downsampling at about 4 pixels,
+# so on a small patch the deep, wide stages keep more positions than that layout assumes and cost more than the whole
+# U-Net nnU-Net plans there. The thresholds are positions at FIAS's first stage (after the two stem downsamplings),
+# chosen by measurement (one thread, docs/benchmarks.md "FIAS sized by the plan"): from 1024 (a 128x128 patch) the
+# preset's step is at most about the U-Net's; below, narrower heads (and below 256 also half the blocks) bring it
+# back within 1.2x.
+PLAN_SIZE_LEVELS = (
+    # (name, minimum positions at stage 1, head dimension (None: the preset's), depth divisor)
+    ("preset", 1024, None, 1),
+    ("narrow", 256, 16, 1),
+    ("small", 0, 8, 2),
+)
+
+
+def fias_stage1_positions(patch_size: Sequence[int], plan_strides: Sequence | None) -> int:
+    """Positions of FIAS's first stage (after its two stem downsamplings) for a patch and the plan's strides."""
+    patch = [int(p) for p in patch_size]
+    strides = fias_strides_from_plan(plan_strides, patch) if plan_strides is not None else \
+        ((2,) * len(patch),) * NUM_DOWNSAMPLINGS
+    return math.prod(max(1, p // (s0 * s1)) for p, s0, s1 in zip(patch, strides[0], strides[1]))
+
+
+def fias_size_from_plan(patch_size: Sequence[int], arch_kwargs: Mapping, preset: str = "T") -> tuple[str, dict]:
+    """FIAS's size for a planned configuration: the level of :data:`PLAN_SIZE_LEVELS` and the keyword arguments
+    (``widths``, ``global_depths``, ``local_depths``; empty for ``"preset"``) that set it.
+
+    The preset's heads per stage are kept and each gets the level's head dimension (a multiple of 8, as GPU attention
+    kernels want); depths are divided by the level's divisor, rounding up.
+    """
+    positions = fias_stage1_positions(patch_size, arch_kwargs.get("strides"))
+    name, _, head_dim, divisor = next(level for level in PLAN_SIZE_LEVELS if positions >= level[1])
+    if head_dim is None:
+        return name, {}
+    layout = FIAS_PRESETS[preset]
+    return name, {"widths": tuple(h * head_dim for h in layout["num_heads"]),
+                  "global_depths": tuple(-(-d // divisor) for d in layout["global_depths"]),
+                  "local_depths": tuple(-(-d // divisor) for d in layout["local_depths"])}

@@ -195,38 +195,57 @@ def prepare_dataset(root: Path) -> Path:
 
 THIN_DATASET_ID = 988
 THIN_DATASET_NAME = f"Dataset{THIN_DATASET_ID:03d}_FIASThin"
+SMALL3D_DATASET_ID = 989
+SMALL3D_DATASET_NAME = f"Dataset{SMALL3D_DATASET_ID:03d}_FIASSmall3d"
 
 
-def planned_thin_dataset(base: Path) -> Path:
-    """A thin anisotropic dataset (6 slices of 15x67 pixels, in-plane spacing 1 x 2 mm), planned (not preprocessed)
-    by nnU-Net's default planner; returns its nnUNetPlans.json. nnU-Net plans anisotropic 2D strides for it."""
+def _planned_blob_dataset(base: Path, dataset_id: int, name: str, shape: tuple[int, int, int],
+                          spacing_xyz: tuple[float, float, float], configuration: str) -> Path:
+    """8 volumes of ``shape`` (z, y, x) with one ellipsoidal blob each, planned (not preprocessed) for
+    ``configuration`` by nnU-Net's default planner under ``base/name``; returns its nnUNetPlans.json."""
     from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
     import SimpleITK as sitk
 
-    root = base / "thin"
-    plans = root / "preprocessed" / THIN_DATASET_NAME / "nnUNetPlans.json"
+    root = base / name
+    plans = root / "preprocessed" / name / "nnUNetPlans.json"
     if plans.is_file():
         return plans
-    folder = root / "raw" / THIN_DATASET_NAME
+    folder = root / "raw" / name
     for sub in ("imagesTr", "labelsTr"):
         maybe_mkdir_p(str(folder / sub))
     rng = np.random.default_rng(0)
-    zz, yy, xx = np.mgrid[:6, :15, :67]
+    zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
     for i in range(8):
-        cy, cx, ry, rx = rng.uniform(4, 11), rng.uniform(15, 52), rng.uniform(2, 5), rng.uniform(6, 14)
-        seg = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+        centre = [rng.uniform(0.3 * n, 0.7 * n) for n in shape]
+        radii = [max(1.0, rng.uniform(0.1 * n, 0.25 * n)) for n in shape]
+        seg = sum(((g - c) / r) ** 2 for g, c, r in zip((zz, yy, xx), centre, radii)) <= 1
+        seg = seg.astype(np.uint8) if shape[0] > 8 else (((yy - centre[1]) / radii[1]) ** 2
+                                                         + ((xx - centre[2]) / radii[2]) ** 2 <= 1).astype(np.uint8)
         img = rng.normal(100.0, 15.0, seg.shape) + 80.0 * seg
-        for arr, path in ((img.astype(np.float32), folder / "imagesTr" / f"thin_{i:03d}_0000.nii.gz"),
-                          (seg, folder / "labelsTr" / f"thin_{i:03d}.nii.gz")):
+        for arr, path in ((img.astype(np.float32), folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz"),
+                          (seg, folder / "labelsTr" / f"case_{i:03d}.nii.gz")):
             image = sitk.GetImageFromArray(arr)
-            image.SetSpacing((2.0, 1.0, 4.0))  # x, y (in-plane 1 x 2 mm after nnU-Net's transpose), z
+            image.SetSpacing(spacing_xyz)
             sitk.WriteImage(image, str(path))
-    generate_dataset_json(str(folder), {0: "MR"}, {"background": 0, "blob": 1}, 8, ".nii.gz",
-                          dataset_name=THIN_DATASET_NAME)
-    run_tool("nnUNetv2_plan_and_preprocess", ["-d", THIN_DATASET_ID, "-c", "2d", "-npfp", "1", "--no_pp"],
+    generate_dataset_json(str(folder), {0: "MR"}, {"background": 0, "blob": 1}, 8, ".nii.gz", dataset_name=name)
+    run_tool("nnUNetv2_plan_and_preprocess", ["-d", dataset_id, "-c", configuration, "-npfp", "1", "--no_pp"],
              nnunet_env(root))
     return plans
+
+
+def planned_thin_dataset(base: Path) -> Path:
+    """A thin anisotropic dataset (6 slices of 15x67 pixels, in-plane spacing 1 x 2 mm), planned (not preprocessed)
+    by nnU-Net's default planner; returns its nnUNetPlans.json. nnU-Net plans a 16x72 2D patch with anisotropic
+    strides for it."""
+    return _planned_blob_dataset(base, THIN_DATASET_ID, THIN_DATASET_NAME, (6, 15, 67), (2.0, 1.0, 4.0), "2d")
+
+
+def planned_small_3d_dataset(base: Path) -> Path:
+    """Small volumes (24 slices of 96x96 voxels, 1 x 1 x 2.5 mm), planned (not preprocessed) for 3d_fullres by
+    nnU-Net's default planner; returns its nnUNetPlans.json (a 24x96x96 patch)."""
+    return _planned_blob_dataset(base, SMALL3D_DATASET_ID, SMALL3D_DATASET_NAME, (24, 96, 96), (1.0, 1.0, 2.5),
+                                 "3d_fullres")
 
 
 def load_plans_and_dataset_json(root: Path) -> tuple[dict, dict]:

@@ -42,14 +42,14 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_fias._util import deep_supervision_weights
-from nnunetv2_fias.architectures import FIAS, fias_kwargs_from_plan
-from nnunetv2_fias.architectures.measure import count_flops
+from nnunetv2_fias.architectures import FIAS, fias_kwargs_from_plan, fias_size_from_plan
 
 from .atomic_checkpoint import AtomicCheckpoints
 from .batch_fit import memory_fitted_batch_size
 from .caf_monitor import CAFMonitor
 from .optim import WarmupPolyLRScheduler, fias_adamw
 from .pretrained_weights_arg import check_pretrained_dimensionality, requested_pretrained_weights
+from .setup_log import SetupLog
 
 
 def _require_2d_or_3d(patch_size: Sequence[int], configuration: str, trainer_name: str) -> None:
@@ -71,7 +71,7 @@ class _AutocastOff(nn.Module):
             return self.net(x.float())
 
 
-class FIASTrainer(AtomicCheckpoints, CAFMonitor, nnUNetTrainer):
+class FIASTrainer(AtomicCheckpoints, CAFMonitor, SetupLog, nnUNetTrainer):
     """nnU-Net trainer for FIAS, 2D or 3D as the configuration's patch
     (``nnUNetv2_train DATASET 2d|3d_fullres FOLD -tr FIASTrainer``).
 
@@ -79,6 +79,10 @@ class FIASTrainer(AtomicCheckpoints, CAFMonitor, nnUNetTrainer):
     :meth:`build_network_architecture` on the class):
 
     * ``fias_preset``: network size, ``"T"``, ``"S"`` or ``"B"``.
+    * ``fias_plan_sized``: on plans whose patch leaves FIAS's first stage under 1024 positions (smaller than
+      128x128 in 2D), narrower heads and fewer blocks than the preset
+      (:func:`~nnunetv2_fias.architectures.fias_size_from_plan`); ``FIASTrainer_presetSize`` keeps the preset
+      everywhere, the ImageNet trainers always do.
     * ``fias_overrides``: keyword arguments passed on to ``FIAS`` (e.g. ``{"caf_variant": "sigmoid"}``); they win
       over what the plan gives (:func:`~nnunetv2_fias.architectures.fias_kwargs_from_plan`).
 
@@ -89,6 +93,7 @@ class FIASTrainer(AtomicCheckpoints, CAFMonitor, nnUNetTrainer):
     """
 
     fias_preset: str = "T"
+    fias_plan_sized: bool = True
     fias_overrides: Mapping = MappingProxyType({})
     # The optimisation recipe (module docstring). nnUNetTrainer.__init__ sets its SGD values on the instance and
     # FIASTrainer.__init__ replaces them with these; the benchmark reads them here.
@@ -127,8 +132,17 @@ class FIASTrainer(AtomicCheckpoints, CAFMonitor, nnUNetTrainer):
         patch = configuration_manager.patch_size
         _require_2d_or_3d(patch, configuration_manager.data_identifier, cls.__name__)
         from_plan = fias_kwargs_from_plan(patch, configuration_manager.network_arch_init_kwargs)
+        size = cls.fias_size(patch, configuration_manager.network_arch_init_kwargs)[1]
         return FIAS(num_input_channels, num_output_channels, preset=cls.fias_preset,
-                    deep_supervision=enable_deep_supervision, **{**from_plan, **cls.fias_overrides})
+                    deep_supervision=enable_deep_supervision, **{**from_plan, **size, **cls.fias_overrides})
+
+    @classmethod
+    def fias_size(cls, patch_size: Sequence[int], arch_kwargs: Mapping) -> tuple[str, dict]:
+        """The size level and its FIAS arguments for a configuration (``"preset"`` and none where
+        ``fias_plan_sized`` is off)."""
+        if not cls.fias_plan_sized:
+            return "preset", {}
+        return fias_size_from_plan(patch_size, arch_kwargs, cls.fias_preset)
 
     def _fias(self) -> nn.Module:
         """The bare FIAS module behind DDP and torch.compile wrappers."""
@@ -238,47 +252,6 @@ class FIASTrainer(AtomicCheckpoints, CAFMonitor, nnUNetTrainer):
         super().on_train_start()
         self._load_caf_history()
         self._log_setup()
-
-    def _log_setup(self) -> None:
-        net = self._fias()
-        n_params = sum(p.numel() for p in net.parameters())
-        patch = list(self.configuration_manager.patch_size)
-        flops = self._count_flops(net, patch)
-        overrides = dict(self.fias_overrides)
-        self.print_to_log_file(
-            f"FIAS preset {self.fias_preset}" + (f" with overrides {overrides}" if overrides else "")
-            + f": {n_params / 1e6:.2f} M parameters, "
-            + (f"{flops / 1e9:.2f} GFLOPs" if flops is not None else "FLOPs not countable")
-            + f" per forward pass of one {'x'.join(map(str, patch))} patch "
-              f"({self.num_input_channels} input channel(s), {self.label_manager.num_segmentation_heads} outputs)")
-        self.print_to_log_file(
-            f"Optimizer: AdamW lr {self.initial_lr:g}, betas {tuple(self.betas)}, weight decay {self.weight_decay:g} "
-            f"(not on biases/norms), linear warm-up {self._warmup_epochs()} of {self.num_epochs} epochs then poly "
-            f"0.9, gradient clipping at norm {self.grad_clip_norm:g}; batch size {self.batch_size}"
-            + (f" per process ({self.configuration_manager.batch_size} over {dist.get_world_size()} processes)"
-               if self.is_ddp else "")
-            + f", {self.num_iterations_per_epoch} iterations per epoch")
-        if self._amp_active():
-            amp = "on (float16 autocast + GradScaler)"
-        elif self.device.type != "cuda":
-            amp = f"off (device {self.device.type}: nnU-Net autocasts on CUDA only)"
-        else:
-            amp = "off (use_amp = False: float32 training)"
-        self.print_to_log_file(f"AMP: {amp}")
-        if self.enable_deep_supervision:
-            scales = self._get_deep_supervision_scales()
-            self.print_to_log_file(
-                f"Deep supervision: {len(scales)} outputs at scales {[[round(s, 4) for s in sc] for sc in scales]}, "
-                f"loss weights {[round(w, 4) for w in self.loss.weight_factors]}")
-        else:
-            self.print_to_log_file("Deep supervision: off (main output only)")
-
-    def _count_flops(self, net: nn.Module, patch: list[int]) -> float | None:
-        try:
-            return float(count_flops(net, self.num_input_channels, patch, self.device))
-        except Exception as e:  # FLOPs are informative only; never fail a training over them
-            self.print_to_log_file(f"Could not count FLOPs: {type(e).__name__}: {e}")
-            return None
 
     def on_train_epoch_start(self):
         self._caf_epoch_values, self._caf_share_values = [], []

@@ -38,6 +38,8 @@ class FIASTrainer_ImageNet(FIASTrainer):
     the classifier head is not loaded; see :mod:`nnunetv2_fias.architectures.pretrained`.
     """
 
+    fias_plan_sized = False  # the ImageNet weights fit the preset's widths and depths only
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # Before nnU-Net creates the output folder: a bad or missing checkpoint leaves nothing behind.

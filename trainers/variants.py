@@ -65,3 +65,10 @@ class FIASTrainer_B(FIASTrainer):
     """FIAS-B (DilateFormer-Base layout)."""
 
     fias_preset = "B"
+
+
+class FIASTrainer_presetSize(FIASTrainer):
+    """FIAS-T's preset widths and depths on every plan: no narrower heads or fewer blocks on small patches
+    (``fias_plan_sized`` off; what FIASTrainer built before it sized FIAS by the plan)."""
+
+    fias_plan_sized = False

@@ -104,6 +104,7 @@ def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.ndim == 5:
         return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else \
             torch.contiguous_format
-    if x.device.type != "cpu":
-        return torch.preserve_format
+    if x.device.type != "cpu":  # the layout it has (``contiguous`` on the meta device refuses preserve_format)
+        return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
     return torch.channels_last if x.shape[-2] * x.shape[-1] >= 256 else torch.contiguous_format

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--classes", type=int, help="output classes incl. background (default: dataset.json beside "
                      "--plans, else 9 as Synapse)")
     run = parser.add_argument_group("models and measurement")
-    run.add_argument("--preset", default="T", help="FIAS preset(s), comma-separated, e.g. T or T,S,B (default: T)")
+    run.add_argument("--preset", default="T", help="FIAS preset(s) or FIAS trainer class(es), comma-separated, e.g. "
+                     "T or T,S,B or FIASTrainer,FIASTrainer_presetSize; FIAS is built as that trainer builds it "
+                     "(default: T, i.e. FIASTrainer)")
     run.add_argument("--baselines", default="nnunet", help="comma-separated from nnunet,swinunetr, or none "
                      "(default: nnunet; swinunetr is skipped when MONAI is not installed)")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
@@ -122,10 +124,13 @@ def _check_positive(args) -> None:
 
 def _presets(text: str) -> tuple[str, ...]:
     from nnunetv2_fias.architectures import FIAS_PRESETS
+    from nnunetv2_fias.trainers import TRAINERS, FIASTrainer
 
+    fias_trainers = sorted(cls.__name__ for cls in TRAINERS if issubclass(cls, FIASTrainer))
     presets = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not presets or any(p not in FIAS_PRESETS for p in presets):
-        raise BenchmarkError(f"--preset {text!r}: presets are {', '.join(sorted(FIAS_PRESETS))}")
+    if not presets or any(p not in FIAS_PRESETS and p not in fias_trainers for p in presets):
+        raise BenchmarkError(f"--preset {text!r}: presets are {', '.join(sorted(FIAS_PRESETS))}; FIAS trainers are "
+                             f"{', '.join(fias_trainers)}")
     return presets
 
 

@@ -4,7 +4,8 @@ A spec is a JSON-able dict (it is passed to worker processes on the command line
 ``nnunet`` or ``swinunetr``), ``channels``, ``classes``, ``patch``, ``batch``, ``device``, ``amp``, ``threads``,
 ``seed`` and, for FIAS and nnU-Net, the nnU-Net ``arch`` dict of the configuration.
 
-FIAS is built exactly as FIASTrainer builds it (``build_network_architecture`` on the trainer class of the preset,
+FIAS is built exactly as FIASTrainer builds it (``build_network_architecture`` on the trainer class of the preset, or
+the trainer named instead of a preset,
 with a plans dict whose ``2d`` (or, for a 3D patch, ``3d_fullres``) configuration has the benchmark's patch, batch and
 architecture), so that whatever the trainer reads from the configuration is read here too. nnU-Net's U-Net is
 ``get_network_from_plans`` with the architecture of the plans (``--plans``) or the one nnU-Net's default planner
@@ -91,7 +92,8 @@ def model_specs(config, patch: Sequence[int], arch: dict | None) -> tuple[list[t
     """
     common = dict(channels=config.channels, classes=config.classes, patch=list(patch), batch=config.batch,
                   device=config.device, amp=config.amp, threads=config.threads, seed=config.seed)
-    models = [(f"FIAS-{p}", dict(common, kind="fias", preset=p, arch=arch)) for p in config.presets]
+    models = [(f"FIAS-{p}" if p in FIAS_TRAINERS else p, dict(common, kind="fias", preset=p, arch=arch))
+              for p in config.presets]
     skipped = []
     for baseline in config.baselines:
         if baseline == "nnunet":
@@ -138,7 +140,7 @@ def build_fias(spec: dict):
 
     from nnunetv2_fias import trainers
 
-    trainer = getattr(trainers, FIAS_TRAINERS[spec["preset"]])
+    trainer = getattr(trainers, FIAS_TRAINERS.get(spec["preset"], spec["preset"]))  # a preset or a trainer name
     plans = PlansManager(fias_plans(spec))
     configuration = plans.get_configuration(fias_configuration(spec))
     return trainer.build_network_architecture(plans, configuration, spec["channels"], spec["classes"],

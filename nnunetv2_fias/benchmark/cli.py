@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nnunetv2_fias._util import atomic_write_json, resolve_device
 from nnunetv2_fias.benchmark.models import KNOWN_BASELINES, BenchmarkError, default_nnunet_architecture
+from nnunetv2_fias.benchmark.predict import add_arguments as add_predict_arguments
 
 DEFAULT_PATCH = (128, 128)
 DEFAULT_BATCH, DEFAULT_CHANNELS, DEFAULT_CLASSES = 2, 1, 9
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=Path, help="write the report as JSON to this file")
     out.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    add_predict_arguments(parser)
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     return parser
 
@@ -271,6 +273,17 @@ def _run(config: BenchmarkConfig, log) -> tuple[dict, str]:
     return report, f"{header}\n\n{format_report(report)}"
 
 
+def _run_predict(args, log) -> tuple[dict, str]:
+    from nnunetv2_fias.benchmark.predict import format_predict, run_predict
+
+    _check_positive(args)
+    if args.cases < 1:
+        raise BenchmarkError(f"--cases must be >= 1, got {args.cases}")
+    _check_json_target(args.json, args.force)
+    report = run_predict(args, _device(args.device), args.threads, args.repeats or 3, log)
+    return report, format_predict(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``nnunetv2_fias benchmark``: 0 on success, 1 for a user error or a failed worker (argparse exits 2)."""
     args = build_parser().parse_args(argv)
@@ -280,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(json.loads(args._worker))
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
     try:
-        config = resolve(args)
-        report, text = _run(config, log)
-        if config.json:
-            atomic_write_json(config.json, report)
+        if args.predict:
+            report, text = _run_predict(args, log)
+            json_path = args.json
+        else:
+            config = resolve(args)
+            report, text = _run(config, log)
+            json_path = config.json
+        if json_path:
+            atomic_write_json(json_path, report)
     except BenchmarkError as e:
         print(f"nnunetv2_fias benchmark: error: {e}", file=sys.stderr)
         return 1

@@ -241,3 +241,30 @@ def test_validation_only_and_continue(pipeline, tmp_path):
     # Only the new epoch was trained in the continued run.
     newest_log = max(cont_fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
     assert newest_log.read_text().count("CAF global-branch weight") == 1
+
+
+def test_benchmark_predict_times_whole_cases_of_the_trained_folds(pipeline, tmp_path):
+    import subprocess
+
+    from nnunet_env import BIN_DIR
+
+    def bench(*argv):
+        return subprocess.run([str(BIN_DIR / "nnunetv2_fias"), "benchmark", "--predict", "-d", str(DATASET_ID),
+                               "-c", "2d", "--threads", "1", "--device", "cpu", *argv], env=pipeline["env"],
+                              capture_output=True, text=True, timeout=600)
+
+    out = tmp_path / "predict.json"
+    proc = bench("-tr", FIAS_TR, BASE_TR, "--cases", "2", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["baseline"] == BASE_TR and len(report["case_shapes"]) == 2
+    rows = {(r["trainer"], r["mirroring"]): r for r in report["results"]}
+    assert set(rows) == {(tr, m) for tr in (FIAS_TR, BASE_TR) for m in (True, False)}
+    for (trainer, mirroring), row in rows.items():
+        assert row["seconds_per_case"] > 0
+        assert row["ratio"] == pytest.approx(row["seconds_per_case"] / rows[BASE_TR, mirroring]["seconds_per_case"])
+    # 4 mirrorings of a 2D case cost more than one pass
+    assert rows[BASE_TR, True]["seconds_per_case"] > rows[BASE_TR, False]["seconds_per_case"]
+    missing = bench("-tr", FIAS_TR, "-f", "3", "-p", "NoSuchPlans")
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0, missing.stderr
+    assert "NoSuchPlans" in missing.stderr and "checkpoint_final.pth" in missing.stderr

@@ -1,7 +1,8 @@
 """``nnunetv2_fias benchmark --predict``: what a user waits for at inference, per whole case.
 
 Times nnU-Net's own predictor (``nnUNetPredictor.predict_single_npy_array``: preprocessing, sliding window with
-Gaussian weighting, mirroring when asked, resampling back) on the same cases for trained model folders of several
+Gaussian weighting, mirroring when asked (along every axis, nnU-Net's default, also for folds trained without
+mirroring), resampling back) on the same cases for trained model folders of several
 trainers on one plan, interleaved case by case so that a busy machine slows all alike. Reading and writing files is
 left out (the same for every network). Untrained or briefly trained folds time the same as fully trained ones.
 """
@@ -66,6 +67,9 @@ def run_predict(args, device: str, threads: int | None, repeats: int, log) -> di
         for mirroring in (True, False):
             predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(str(folder), (args.fold,))
+            if mirroring and not predictor.allowed_mirroring_axes:
+                # A fold trained without mirroring (the demo budgets): time nnU-Net's default, every axis.
+                predictor.allowed_mirroring_axes = tuple(range(len(predictor.configuration_manager.patch_size)))
             predictors[trainer, mirroring] = predictor
     first = predictors[args.trainers[0], True]
     images = args.images or Path(nnUNet_raw) / folders[0].parent.name / "imagesTs"

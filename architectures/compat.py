@@ -39,8 +39,8 @@ def check_checkpoint_fits(net: nn.Module, state_dict: dict) -> None:
     widths = _stage_widths(own), _stage_widths(theirs)
     if widths[0] != widths[1]:
         reasons.append(f"the stage widths differ (checkpoint {widths[1]}, network {widths[0]}): another preset, or FIAS "
-                       "sized by another plan (FIASTrainer narrows FIAS on patches under 128x128; "
-                       "FIASTrainer_presetSize keeps the preset)")
+                       "sized by the plan on one side only (FIASTrainer_planSized narrows FIAS on patches under "
+                       "128x128; FIASTrainer keeps the preset)")
     elif any(k.startswith("encoder.global_branch.stem.") for k in missing + unexpected + reshaped):
         reasons.append("the global branch's stem differs: this network uses DilateFormer's official stem "
                        f"(stem_width={net.encoder.stem_channels[0]}); build it with the checkpoint's stem_width")

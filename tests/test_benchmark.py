@@ -91,17 +91,17 @@ def rows_arch(patch) -> dict:
 def test_skip_timing_counts_params_and_flops_per_patch(tmp_path):
     out = tmp_path / "sizes.json"
     rc = benchmark.main(["--skip-timing", "--patch", "64", "64", "--patch", "32", "64", "--classes", "4",
-                         "--preset", "T,FIASTrainer_presetSize", "--baselines", "nnunet,swinunetr", "--json", str(out)])
+                         "--preset", "T,FIASTrainer_planSized", "--baselines", "nnunet,swinunetr", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["baseline"] == "nnU-Net"
     rows = {(r["model"], tuple(r["patch"])): r for r in report["results"]}
-    assert set(rows) == {(m, p) for m in ("FIAS-T", "FIASTrainer_presetSize", "nnU-Net") for p in ((64, 64), (32, 64))}
-    # FIAS as FIASTrainer builds it (narrow heads at 64x64, sized by the plan) and as the preset keeps it
-    narrow = FIAS(1, 4, preset="T", **fias_size_from_plan((64, 64), rows_arch((64, 64)))[1])
-    assert rows["FIAS-T", (64, 64)]["params"] == sum(p.numel() for p in narrow.parameters())
+    assert set(rows) == {(m, p) for m in ("FIAS-T", "FIASTrainer_planSized", "nnU-Net") for p in ((64, 64), (32, 64))}
+    # FIAS as FIASTrainer builds it (the preset) and as FIASTrainer_planSized does (narrow heads at 64x64)
     fias = FIAS(1, 4, preset="T")
-    assert rows["FIASTrainer_presetSize", (64, 64)]["params"] == sum(p.numel() for p in fias.parameters())
+    assert rows["FIAS-T", (64, 64)]["params"] == sum(p.numel() for p in fias.parameters())
+    narrow = FIAS(1, 4, preset="T", **fias_size_from_plan((64, 64), rows_arch((64, 64)))[1])
+    assert rows["FIASTrainer_planSized", (64, 64)]["params"] == sum(p.numel() for p in narrow.parameters())
     # FLOPs grow with the patch; the baseline's ratios are 1.
     assert rows["FIAS-T", (64, 64)]["gflops"] > rows["FIAS-T", (32, 64)]["gflops"] > 0
     assert rows["nnU-Net", (64, 64)]["ratio_gflops"] == 1.0

@@ -1,5 +1,6 @@
-"""FIAS sized by the plan: the level each of nnU-Net's plans gets, the network it builds, the trainer variants that
-keep the preset, and that prediction rebuilds exactly the network a fold was trained with."""
+"""FIAS sized by the plan (FIASTrainer_planSized): the level each of nnU-Net's plans gets, the network and learning
+rate it gives, FIASTrainer and the ImageNet trainers keeping the preset, and prediction rebuilding exactly the
+network a fold was trained with."""
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_env import planned_small_3d_dataset, planned_thin_dataset
 from nnunetv2_fias.architectures import FIAS, FIAS_PRESETS, fias_size_from_plan, fias_stage1_positions
 from nnunetv2_fias.benchmark.models import default_nnunet_architecture
-from nnunetv2_fias.trainers import (TRAINERS, FIASTrainer, FIASTrainer_B, FIASTrainer_demoBudget,
-                                    FIASTrainer_ImageNet, FIASTrainer_presetSize)
+from nnunetv2_fias.trainers import TRAINERS, FIASTrainer, FIASTrainer_ImageNet, FIASTrainer_planSized
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -67,46 +67,55 @@ def _build(trainer, plans: dict, configuration: str, deep_supervision: bool = Tr
 
 def test_nnunets_own_plans_thin_2d_is_small_and_small_3d_keeps_the_preset(nnunet_plans):
     plans, configuration = nnunet_plans["thin"]
+    arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
     assert plans["configurations"]["2d"]["patch_size"] == [16, 72]
-    sized, preset = _build(FIASTrainer, plans, configuration), _build(FIASTrainer_presetSize, plans, configuration)
+    sized, preset = _build(FIASTrainer_planSized, plans, configuration), _build(FIASTrainer, plans, configuration)
     assert sized.config.widths == (24, 48, 96, 192) and sized.config.global_depths == (1, 1, 3, 1)
     assert preset.config.widths == FIAS_PRESETS["T"]["widths"]
-    # The U-Net nnU-Net plans there has 7.4 M parameters; FIAS-T had 27 M.
+    # The U-Net nnU-Net plans there has 7.4 M parameters; FIAS-T has 27 M.
     assert sum(p.numel() for p in sized.parameters()) < 0.15 * sum(p.numel() for p in preset.parameters())
+    assert FIASTrainer_planSized.plan_size_lr_factor([16, 72], arch) == 3.0  # 72 / 24 channels at stage 1
+    assert FIASTrainer.plan_size_lr_factor([16, 72], arch) == 1.0
     plans, configuration = nnunet_plans["small 3D"]
     assert plans["configurations"]["3d_fullres"]["patch_size"] == [24, 96, 96]
-    assert _build(FIASTrainer, plans, configuration).config.widths == FIAS_PRESETS["T"]["widths"]
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert _build(FIASTrainer_planSized, plans, configuration).config.widths == FIAS_PRESETS["T"]["widths"]
+    assert FIASTrainer_planSized.plan_size_lr_factor([24, 96, 96], arch) == 1.0
 
 
 def test_prediction_rebuilds_the_trained_network(nnunet_plans):
     # nnU-Net's predictor calls build_network_architecture on the class, without deep supervision, then loads the
     # checkpoint strictly: the sized network must come out the same.
     plans, configuration = nnunet_plans["thin"]
-    for trainer in (FIASTrainer, FIASTrainer_B, FIASTrainer_demoBudget):
+
+    class PlanSizedB(FIASTrainer_planSized):
+        fias_preset = "B"
+
+    for trainer in (FIASTrainer, FIASTrainer_planSized, PlanSizedB):
         trained = _build(trainer, plans, configuration, deep_supervision=True)
         rebuilt = _build(trainer, plans, configuration, deep_supervision=False)
         rebuilt.load_state_dict(trained.state_dict())  # strict
     with pytest.raises(RuntimeError, match=r"stage widths differ \(checkpoint \[24, 48, 96, 192\], network \[72, "):
-        _build(FIASTrainer_presetSize, plans, configuration).load_state_dict(
-            _build(FIASTrainer, plans, configuration).state_dict())
+        _build(FIASTrainer, plans, configuration).load_state_dict(
+            _build(FIASTrainer_planSized, plans, configuration).state_dict())
 
 
-def test_only_the_preset_keeping_trainers_turn_sizing_off():
-    off = {cls.__name__ for cls in TRAINERS if issubclass(cls, FIASTrainer) and not cls.fias_plan_sized}
-    assert off == {"FIASTrainer_presetSize", "FIASTrainer_ImageNet", "FIASTrainer_ImageNet_S",
-                   "FIASTrainer_ImageNet_B"}
-    assert FIASTrainer_ImageNet.fias_size((16, 72), {"strides": [[1, 1], [2, 1], [2, 2], [1, 2], [1, 2]]}) == \
-        ("preset", {})
+def test_only_the_plan_sized_variant_sizes_fias():
+    on = {cls.__name__ for cls in TRAINERS if issubclass(cls, FIASTrainer) and cls.fias_plan_sized}
+    assert on == {"FIASTrainer_planSized"}
+    thin = {"strides": [[1, 1], [2, 1], [2, 2], [1, 2], [1, 2]]}
+    assert FIASTrainer.fias_size((16, 72), thin) == FIASTrainer_ImageNet.fias_size((16, 72), thin) == ("preset", {})
 
 
 def test_overrides_win_over_the_plan_size(nnunet_plans):
     plans, configuration = nnunet_plans["thin"]
 
-    class Wide(FIASTrainer):
+    class Wide(FIASTrainer_planSized):
         fias_overrides = {"widths": (48, 96, 192, 384)}
 
     net = _build(Wide, plans, configuration)
     assert net.config.widths == (48, 96, 192, 384) and net.config.global_depths == (1, 1, 3, 1)
+    assert Wide.plan_size_lr_factor([16, 72], plans["configurations"]["2d"]["architecture"]["arch_kwargs"]) == 1.5
 
 
 def test_standalone_constructor_keeps_the_preset():

@@ -69,7 +69,7 @@ def test_public_trainers_keep_nnunet_signature_and_names():
                      "FIASTrainerNoDS", "FIASTrainerNoAMP", "FIASTrainer_S", "FIASTrainer_B",
                      "FIASTrainer_demoBudget", "nnUNetTrainer_demoBudget", "FIASTrainer_smokeBudget",
                      "nnUNetTrainer_smokeBudget", "FIASTrainer_ImageNet", "FIASTrainer_ImageNet_S",
-                     "FIASTrainer_ImageNet_B", "FIASTrainer_presetSize"]
+                     "FIASTrainer_ImageNet_B", "FIASTrainer_planSized"]
     def params(fn):  # names, kinds and defaults: nnU-Net records init kwargs by parameter name
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
@@ -89,7 +89,9 @@ def test_variants_change_one_thing_each(root, results, monkeypatch):
         "FIASTrainer_5epochs": {"num_epochs": 5}, "FIASTrainer_100epochs": {"num_epochs": 100},
         "FIASTrainer_250epochs": {"num_epochs": 250}, "FIASTrainerNoDS": {"enable_deep_supervision": False},
         "FIASTrainerNoAMP": {"use_amp": False}, "FIASTrainer_S": {"fias_preset": "S"},
-        "FIASTrainer_B": {"fias_preset": "B"}, "FIASTrainer_presetSize": {"fias_plan_sized": False},
+        "FIASTrainer_B": {"fias_preset": "B"}, "FIASTrainer_planSized": {"fias_plan_sized": True,
+                                                                  # 64x64: narrow heads, lr x 72/48
+                                                                  "initial_lr": FIASTrainer.recipe["initial_lr"] * 1.5},
     }
     watched = ("num_epochs", "enable_deep_supervision", "use_amp", "fias_preset", "fias_plan_sized", "initial_lr",
                "weight_decay",

@@ -8,12 +8,12 @@ from .budgets import (FIASTrainer_demoBudget, FIASTrainer_smokeBudget, nnUNetTra
                       nnUNetTrainer_smokeBudget)
 from .pretrained import FIASTrainer_ImageNet, FIASTrainer_ImageNet_B, FIASTrainer_ImageNet_S
 from .variants import (FIASTrainer_5epochs, FIASTrainer_100epochs, FIASTrainer_250epochs, FIASTrainer_B,
-                       FIASTrainer_S, FIASTrainer_presetSize, FIASTrainerNoAMP, FIASTrainerNoDS)
+                       FIASTrainer_S, FIASTrainer_planSized, FIASTrainerNoAMP, FIASTrainerNoDS)
 
 # Every trainer class nnU-Net can be asked for with -tr (also re-exported by the discovery shim).
 TRAINERS = (FIASTrainer, FIASTrainer_5epochs, FIASTrainer_100epochs, FIASTrainer_250epochs, FIASTrainerNoDS,
             FIASTrainerNoAMP, FIASTrainer_S, FIASTrainer_B, FIASTrainer_demoBudget, nnUNetTrainer_demoBudget,
             FIASTrainer_smokeBudget, nnUNetTrainer_smokeBudget, FIASTrainer_ImageNet, FIASTrainer_ImageNet_S,
-            FIASTrainer_ImageNet_B, FIASTrainer_presetSize)
+            FIASTrainer_ImageNet_B, FIASTrainer_planSized)
 
 __all__ = [cls.__name__ for cls in TRAINERS] + ["TRAINERS", "WarmupPolyLRScheduler"]

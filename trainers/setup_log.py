@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from nnunetv2_fias.architectures import fias_stage1_positions
+from nnunetv2_fias.architectures import fias_size_from_plan, fias_stage1_positions
 from nnunetv2_fias.architectures.measure import count_flops
 
 
@@ -49,15 +49,17 @@ class SetupLog:
 
     def _size_line(self, net: nn.Module, patch: list[int]) -> str:
         arch = self.configuration_manager.network_arch_init_kwargs
-        level, _ = self.fias_size(patch, arch)
         positions = fias_stage1_positions(patch, arch.get("strides"))
+        level, _ = fias_size_from_plan(patch, arch, self.fias_preset)
         layout = (f"widths {list(net.config.widths)}, global blocks {list(net.config.global_depths)}, local blocks "
                   f"{list(net.config.local_depths)}")
         if not self.fias_plan_sized:
-            return f"FIAS size: the preset's ({layout}); {self.__class__.__name__} does not size FIAS by the plan"
+            hint = "" if level == "preset" else \
+                f"; FIASTrainer_planSized would build the {level} size (faster, lower accuracy at short budgets)"
+            return f"FIAS size: the preset's ({layout}); FIAS's first stage has {positions} positions here{hint}"
         return (f"FIAS size by the plan: {level} ({layout}); FIAS's first stage has {positions} positions for this "
-                f"patch (preset from 1024, narrow heads from 256, small below); -tr FIASTrainer_presetSize keeps "
-                f"the preset")
+                f"patch (preset from 1024, narrow heads from 256, small below); initial lr scaled by "
+                f"{self.plan_size_lr_factor(patch, arch):g} for the width")
 
     def _count_flops(self, net: nn.Module, patch: list[int]) -> float | None:
         try:

@@ -67,8 +67,9 @@ class FIASTrainer_B(FIASTrainer):
     fias_preset = "B"
 
 
-class FIASTrainer_presetSize(FIASTrainer):
-    """FIAS-T's preset widths and depths on every plan: no narrower heads or fewer blocks on small patches
-    (``fias_plan_sized`` off; what FIASTrainer built before it sized FIAS by the plan)."""
+class FIASTrainer_planSized(FIASTrainer):
+    """FIAS sized by the plan: on patches under 128x128 (FIAS's first stage under 1024 positions) narrower heads,
+    under 64x64 also half the blocks, with the learning rate scaled by the width (``fias_plan_sized``; see
+    :func:`~nnunetv2_fias.architectures.fias_size_from_plan` and docs/benchmarks.md for its speed and accuracy)."""
 
-    fias_plan_sized = False
+    fias_plan_sized = True

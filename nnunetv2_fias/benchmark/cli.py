@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "--plans, else 9 as Synapse)")
     run = parser.add_argument_group("models and measurement")
     run.add_argument("--preset", default="T", help="FIAS preset(s) or FIAS trainer class(es), comma-separated, e.g. "
-                     "T or T,S,B or FIASTrainer,FIASTrainer_presetSize; FIAS is built as that trainer builds it "
+                     "T or T,S,B or FIASTrainer,FIASTrainer_planSized; FIAS is built as that trainer builds it "
                      "(default: T, i.e. FIASTrainer)")
     run.add_argument("--baselines", default="nnunet", help="comma-separated from nnunet,swinunetr, or none "
                      "(default: nnunet; swinunetr is skipped when MONAI is not installed)")

@@ -65,7 +65,8 @@ def run_predict(args, device: str, threads: int | None, repeats: int, log) -> di
     predictors = {}
     for trainer, folder in zip(args.trainers, folders):
         for mirroring in (True, False):
-            predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False)
+            predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False,
+                                        perform_everything_on_device=device.startswith("cuda"))
             predictor.initialize_from_trained_model_folder(str(folder), (args.fold,))
             if mirroring and not predictor.allowed_mirroring_axes:
                 # A fold trained without mirroring (the demo budgets): time nnU-Net's default, every axis.

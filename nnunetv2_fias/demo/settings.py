@@ -27,13 +27,13 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "demo": Budget((96, 96, 16), "FIASTrainer_demoBudget", "nnUNetTrainer_demoBudget",
-                   "96x96x16 phantoms; FIAS (narrow heads: FIASTrainer sizes it by the 96x96 plan) for a few hundred "
-                   "iterations of batch 4 without mirroring (about 5 minutes on 2 idle CPU cores)"),
+                   "96x96x16 phantoms; FIAS-T for a few hundred iterations of batch 4 without mirroring "
+                   "(about 5 minutes on 2 idle CPU cores)"),
     "smoke": Budget((48, 48, 8), "FIASTrainer_smokeBudget", "nnUNetTrainer_smokeBudget",
                     "48x48x8 phantoms; 1 epoch of 2 iterations: checks that every step runs, learns nothing "
                     "(used by the test suite)"),
 }
-METHOD_NAMES = {"fias": "FIAS", "baseline": "nnU-Net (nnUNetTrainer)"}
+METHOD_NAMES = {"fias": "FIAS-T", "baseline": "nnU-Net (nnUNetTrainer)"}
 COMPARE_NOTE = ("Both trainers ran at the same small budget. nnUNetTrainer's recipe (SGD, lr 0.01, poly decay) is "
                 "made for 1000 epochs x 250 iterations and has barely started here, while FIASTrainer's AdamW with "
                 "warm-up converges quickly: the comparison shows the pipeline at work, not which network is better.")

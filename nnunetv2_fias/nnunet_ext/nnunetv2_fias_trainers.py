@@ -8,6 +8,6 @@ Keep this folder free of other modules, and this module's name unique.
 from nnunetv2_fias.trainers import (FIASTrainer, FIASTrainer_5epochs, FIASTrainer_100epochs,  # noqa: F401
                                     FIASTrainer_250epochs, FIASTrainer_B, FIASTrainer_ImageNet,
                                     FIASTrainer_ImageNet_B, FIASTrainer_ImageNet_S, FIASTrainer_S, FIASTrainerNoAMP,
-                                    FIASTrainerNoDS, FIASTrainer_demoBudget, FIASTrainer_presetSize,
+                                    FIASTrainerNoDS, FIASTrainer_demoBudget, FIASTrainer_planSized,
                                     FIASTrainer_smokeBudget,
                                     nnUNetTrainer_demoBudget, nnUNetTrainer_smokeBudget)

@@ -22,4 +22,5 @@ __all__ = ["FIAS", "FIAS3d", "FIAS_PRESETS", "FIASConfig", "CAF_VARIANTS", "Chec
            "ContextAwareFusion", "DualPathEncoder", "GlobalSelfAttention", "LoadReport", "MixAttBlock",
            "MixAttDecoder", "MonteCarloAttention", "MultiScaleDilatedAttention", "SafeBatchNorm2d", "SafeBatchNorm3d",
            "dilated_neighborhood_attention", "dilated_neighborhood_attention_channels_first", "fias_kwargs_from_plan",
-           "fias_size_from_plan", "fias_stage1_positions", "PLAN_SIZE_LEVELS", "fias_stage_kernels_from_plan", "fias_strides_from_plan", "load_dilateformer_weights"]
+           "fias_size_from_plan", "fias_stage1_positions", "PLAN_SIZE_LEVELS", "fias_stage_kernels_from_plan",
+           "fias_strides_from_plan", "load_dilateformer_weights"]

@@ -78,7 +78,7 @@ def fias_kwargs_from_plan(patch_size: Sequence[int], arch_kwargs: Mapping) -> di
 # U-Net nnU-Net plans there. The thresholds are positions at FIAS's first stage (after the two stem downsamplings),
 # chosen by measurement (one thread, docs/benchmarks.md "FIAS sized by the plan"): from 1024 (a 128x128 patch) the
 # preset's step is at most about the U-Net's; below, narrower heads (and below 256 also half the blocks) bring it
-# back within 1.2x.
+# back within 1.2x. The smaller networks scored lower at short budgets, so only FIASTrainer_planSized uses this.
 PLAN_SIZE_LEVELS = (
     # (name, minimum positions at stage 1, head dimension (None: the preset's), depth divisor)
     ("preset", 1024, None, 1),

@@ -91,6 +91,7 @@ def _group(nodeid: str) -> str:
     return "trained_folds" if module in _TRAINED_FOLDS_MODULES else module
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist: `-p no:xdist` still runs the suite in one process
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 

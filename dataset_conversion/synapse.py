@@ -332,17 +332,8 @@ def convert_synapse(input_folder: str | Path, dataset_id: int, protocol: str = "
     return out.target
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nnunetv2_fias convert-synapse",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=textwrap.fill(
-            "Convert Synapse (BTCV multi-organ abdominal CT) into nnU-Net's raw format: "
-            "$nnUNet_raw/DatasetXXX_Synapse with imagesTr/labelsTr/imagesTs[/labelsTs] and dataset.json, plus "
-            "$nnUNet_preprocessed/DatasetXXX_Synapse/splits_final.json (nnU-Net's default 5-fold split over the "
-            "training cases, written explicitly so it can be checked before training). Cases are named caseXXXX.",
-            100),
-        epilog="""protocols:
+# The help text after the options: protocols, label sets and orders, input layouts, an example.
+_EPILOG = """protocols:
   transunet  TransUNet/Swin-Unet/nnFormer protocol: train on the 18 TransUNet training cases
              (0005 0006 0007 0009 0010 0021 0023 0024 0026 0027 0028 0030 0031 0033 0034 0037 0039 0040),
              test on 12 (0001 0002 0003 0004 0008 0022 0025 0029 0032 0035 0036 0038) in imagesTs + labelsTs
@@ -377,7 +368,20 @@ example:
   nnunetv2_fias convert-synapse -i /data/Abdomen/RawData -d 111
   nnUNetv2_plan_and_preprocess -d 111 --verify_dataset_integrity
 
-""" + EXIT_CODES)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunetv2_fias convert-synapse",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Convert Synapse (BTCV multi-organ abdominal CT) into nnU-Net's raw format: "
+            "$nnUNet_raw/DatasetXXX_Synapse with imagesTr/labelsTr/imagesTs[/labelsTs] and dataset.json, plus "
+            "$nnUNet_preprocessed/DatasetXXX_Synapse/splits_final.json (nnU-Net's default 5-fold split over the "
+            "training cases, written explicitly so it can be checked before training). Cases are named caseXXXX.",
+            100),
+        epilog=_EPILOG + EXIT_CODES)
     parser.add_argument("-i", "--input", required=True, metavar="INPUT",
                         help="the raw release folder (RawData or its parent) or TransUNet's preprocessed folder "
                              "holding train_npz/ and test_vol_h5/")

@@ -131,48 +131,15 @@ def _capsule(g: _Grid, p0, p1, radius, t0, t1, deform=None, amp=0.0):
     return (d < limit) & (g.t >= t0) & (g.t <= t1)
 
 
-def generate_phantom(case_id: int, seed: int = 0, size: Sequence[int] = DEFAULT_SIZE, labelled: bool = True) -> Phantom:
-    """Draw one synthetic abdominal CT.
+def _jitter(rng: np.random.Generator):
+    """``jit(scale)``: one normal draw from the case's stream (the order of draws fixes the phantom)."""
+    return lambda scale: float(rng.normal(0.0, scale))
 
-    Args:
-        case_id: Synapse case number (e.g. 1 for img0001); seeds the case's own random stream.
-        seed: global seed; the same (seed, case_id, size) always gives the same arrays.
-        size: grid size (x, y, z) in voxels; the anatomy is in mm, so spacing follows the size.
-        labelled: whether to return the label map (Testing cases of the real release have none).
 
-    Returns:
-        The phantom (image in HU as int16, label as uint8 with Synapse values, spacing).
-
-    Raises:
-        ValueError: for a size smaller than 16x16x4 or a negative case number or seed.
-    """
-    size = tuple(int(s) for s in size)
-    if len(size) != 3 or min(size[:2]) < 16 or size[2] < 4:
-        raise ValueError(f"phantom size must be (x, y, z) with x, y >= 16 and z >= 4, got {size}")
-    if case_id < 0 or seed < 0:
-        raise ValueError(f"case_id and seed must be non-negative, got case_id={case_id}, seed={seed}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case_id)]))
-    nx, ny, nz = size
-    # In-plane spacing is the same for every case: nnU-Net's 2D patch is the median resampled size, so varying it
-    # would give half the cases more than one sliding-window tile per slice. Bodies vary in size instead.
-    s_inplane = _FOV_MM / max(nx, ny)
-    spacing = (float(s_inplane), float(s_inplane), float(_SLAB_MM / nz * rng.choice([0.9, 1.0, 1.1])))
-    g = _Grid(size, spacing, t_shift=float(rng.uniform(-0.04, 0.04)))
+def _paint_organs(g: _Grid, rng: np.random.Generator, deform: list, inside: np.ndarray, org_s: float):
+    """The label map of the 13 organs, and the stomach's full mask (for the gastric air)."""
+    jit = _jitter(rng)
     shape = g.shape
-    sig = [max(0.6, 12.0 / spacing[2]), 18.0 / spacing[1], 18.0 / spacing[0]]  # ~18 mm correlation
-    deform = [_smooth_field(rng, shape, sig) for _ in range(3)]
-
-    def jit(scale: float) -> float:
-        return float(rng.normal(0.0, scale))
-
-    body_s = rng.uniform(0.9, 1.05)
-    bx, by = 150.0 * body_s * rng.uniform(0.95, 1.05), 112.0 * body_s * rng.uniform(0.95, 1.05)
-    rb = np.sqrt((g.x / bx) ** 2 + ((g.y - 5.0) / by) ** 2) + 0.03 * deform[0]
-    body = rb < 1.0
-    wall = body & (rb > 0.84) & (rb < 0.9)
-    inside = rb <= 0.84  # organs stay inside the abdominal wall
-    org_s = body_s * rng.uniform(0.92, 1.08)  # organs scale with the body, with their own variation
-
     label = np.zeros(shape, np.uint8)
 
     def paint(mask: np.ndarray, value: int) -> None:
@@ -210,7 +177,13 @@ def generate_phantom(case_id: int, seed: int = 0, size: Sequence[int] = DEFAULT_
     paint(aorta, 8)
     paint(_ellipsoid(g, 16 + jit(3), 40 + jit(3), 8, 7, -0.5, 0.3 + jit(0.03), power=0.1), 5)
 
-    # Tissue background (unlabelled): fat, abdominal wall, spine, paraspinal muscles, bowel.
+    return label, stomach
+
+
+def _tissue_background(g: _Grid, rng: np.random.Generator, deform: list, body: np.ndarray, wall: np.ndarray,
+                       rb: np.ndarray, inside: np.ndarray, label: np.ndarray):
+    """The HU image of the unlabelled tissue (fat, wall, skin, spine, muscles, bowel) and its texture field."""
+    shape, spacing = g.shape, g.spacing
     tex = _smooth_field(rng, shape, [max(0.5, 4.0 / spacing[2]), 4.0 / spacing[1], 4.0 / spacing[0]])
     image = np.full(shape, -1000.0, np.float32)
     image[body] = -95.0 + 12.0 * tex[body]
@@ -227,7 +200,14 @@ def generate_phantom(case_id: int, seed: int = 0, size: Sequence[int] = DEFAULT_
     image[bowel] = 25.0 + 15.0 * tex[bowel]
     image[bowel & (tex > 1.4)] = -750.0  # gas
 
-    # Organ intensities: contrast-enhanced portal-venous phase, with per-case offsets.
+    return image, tex
+
+
+def _organ_intensities(image: np.ndarray, label: np.ndarray, tex: np.ndarray, rng: np.random.Generator, g: _Grid,
+                       stomach: np.ndarray) -> None:
+    """Organ HU values in ``image``, in place: contrast-enhanced portal-venous phase, with per-case offsets."""
+    jit = _jitter(rng)
+    spacing = g.spacing
     hu = {1: 120, 2: 185, 3: 185, 4: 12, 5: 45, 6: 100, 7: 40, 8: 230, 9: 155, 10: 175, 11: 75, 12: 35, 13: 35}
     offset = jit(8.0)
     for value, mean in hu.items():
@@ -239,6 +219,50 @@ def generate_phantom(case_id: int, seed: int = 0, size: Sequence[int] = DEFAULT_
         image[core] -= 60.0
     air = stomach & (label == 7) & (g.y < -38 - 12) & (g.t < 0.3)
     image[air] = -700.0  # gastric air (still stomach)
+
+
+def generate_phantom(case_id: int, seed: int = 0, size: Sequence[int] = DEFAULT_SIZE, labelled: bool = True) -> Phantom:
+    """Draw one synthetic abdominal CT.
+
+    Args:
+        case_id: Synapse case number (e.g. 1 for img0001); seeds the case's own random stream.
+        seed: global seed; the same (seed, case_id, size) always gives the same arrays.
+        size: grid size (x, y, z) in voxels; the anatomy is in mm, so spacing follows the size.
+        labelled: whether to return the label map (Testing cases of the real release have none).
+
+    Returns:
+        The phantom (image in HU as int16, label as uint8 with Synapse values, spacing).
+
+    Raises:
+        ValueError: for a size smaller than 16x16x4 or a negative case number or seed.
+    """
+    size = tuple(int(s) for s in size)
+    if len(size) != 3 or min(size[:2]) < 16 or size[2] < 4:
+        raise ValueError(f"phantom size must be (x, y, z) with x, y >= 16 and z >= 4, got {size}")
+    if case_id < 0 or seed < 0:
+        raise ValueError(f"case_id and seed must be non-negative, got case_id={case_id}, seed={seed}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case_id)]))
+    nx, ny, nz = size
+    # In-plane spacing is the same for every case: nnU-Net's 2D patch is the median resampled size, so varying it
+    # would give half the cases more than one sliding-window tile per slice. Bodies vary in size instead.
+    s_inplane = _FOV_MM / max(nx, ny)
+    spacing = (float(s_inplane), float(s_inplane), float(_SLAB_MM / nz * rng.choice([0.9, 1.0, 1.1])))
+    g = _Grid(size, spacing, t_shift=float(rng.uniform(-0.04, 0.04)))
+    shape = g.shape
+    sig = [max(0.6, 12.0 / spacing[2]), 18.0 / spacing[1], 18.0 / spacing[0]]  # ~18 mm correlation
+    deform = [_smooth_field(rng, shape, sig) for _ in range(3)]
+
+    body_s = rng.uniform(0.9, 1.05)
+    bx, by = 150.0 * body_s * rng.uniform(0.95, 1.05), 112.0 * body_s * rng.uniform(0.95, 1.05)
+    rb = np.sqrt((g.x / bx) ** 2 + ((g.y - 5.0) / by) ** 2) + 0.03 * deform[0]
+    body = rb < 1.0
+    wall = body & (rb > 0.84) & (rb < 0.9)
+    inside = rb <= 0.84  # organs stay inside the abdominal wall
+    org_s = body_s * rng.uniform(0.92, 1.08)  # organs scale with the body, with their own variation
+
+    label, stomach = _paint_organs(g, rng, deform, inside, org_s)
+    image, tex = _tissue_background(g, rng, deform, body, wall, rb, inside, label)
+    _organ_intensities(image, label, tex, rng, g, stomach)
 
     image = gaussian_filter(image, sigma=[0.0, 0.6, 0.6])  # partial volume in-plane
     image += rng.normal(0.0, rng.uniform(8.0, 16.0), shape).astype(np.float32)

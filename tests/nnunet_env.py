@@ -215,13 +215,12 @@ def _planned_blob_dataset(base: Path, dataset_id: int, name: str, shape: tuple[i
     for sub in ("imagesTr", "labelsTr"):
         maybe_mkdir_p(str(folder / sub))
     rng = np.random.default_rng(0)
-    zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    grid = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    axes = range(3) if shape[0] > 8 else range(1, 3)  # a few slices: the same ellipse in each
     for i in range(8):
         centre = [rng.uniform(0.3 * n, 0.7 * n) for n in shape]
         radii = [max(1.0, rng.uniform(0.1 * n, 0.25 * n)) for n in shape]
-        seg = sum(((g - c) / r) ** 2 for g, c, r in zip((zz, yy, xx), centre, radii)) <= 1
-        seg = seg.astype(np.uint8) if shape[0] > 8 else (((yy - centre[1]) / radii[1]) ** 2
-                                                         + ((xx - centre[2]) / radii[2]) ** 2 <= 1).astype(np.uint8)
+        seg = (sum(((grid[a] - centre[a]) / radii[a]) ** 2 for a in axes) <= 1).astype(np.uint8)
         img = rng.normal(100.0, 15.0, seg.shape) + 80.0 * seg
         for arr, path in ((img.astype(np.float32), folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz"),
                           (seg, folder / "labelsTr" / f"case_{i:03d}.nii.gz")):

@@ -44,11 +44,15 @@ def _model_folder(dataset: str, trainer: str, plans: str, configuration: str, fo
     return folder
 
 
-def _cases(images: Path, file_ending: str, channels: int, count: int) -> list[list[str]]:
-    ids = sorted({p.name[:-len(file_ending) - 5] for p in images.glob(f"*_0000{file_ending}")})
-    if not ids:
+def _cases(images: Path, file_ending: str, count: int) -> list[list[str]]:
+    """The image files (all channels) of the first ``count`` cases in ``images``, by nnU-Net's own lookup."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    cases = create_lists_from_splitted_dataset_folder(str(images), file_ending, num_processes=1) \
+        if images.is_dir() else []
+    if not cases:
         raise BenchmarkError(f"-i {images}: no images named *_0000{file_ending}")
-    return [[str(images / f"{i}_{c:04d}{file_ending}") for c in range(channels)] for i in ids[:count]]
+    return cases[:count]
 
 
 def run_predict(args, device: str, threads: int | None, repeats: int, log) -> dict:
@@ -74,8 +78,7 @@ def run_predict(args, device: str, threads: int | None, repeats: int, log) -> di
             predictors[trainer, mirroring] = predictor
     first = predictors[args.trainers[0], True]
     images = args.images or Path(nnUNet_raw) / folders[0].parent.name / "imagesTs"
-    channels = len(first.dataset_json.get("channel_names", first.dataset_json.get("modality", {})))
-    cases = _cases(images, first.dataset_json["file_ending"], channels, args.cases)
+    cases = _cases(images, first.dataset_json["file_ending"], args.cases)
     reader = first.plans_manager.image_reader_writer_class()
     loaded = [reader.read_images(files) for files in cases]
     times = {key: [[] for _ in loaded] for key in predictors}

@@ -132,8 +132,12 @@ class DualPathEncoder(nn.Module):
         self.stem_strides = tuple(cumulative[:2])
         self.stem_skips = False
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        g = self.global_branch(x, self.stem_skips)
+    def fuse(self, global_features: list[torch.Tensor], local_features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The branches' outputs to what :meth:`forward` returns: the global stem's skips (when present), then
+        each stage's CAF fusion of the two branches."""
         n = len(self.fusions)
-        skips, g = g[:len(g) - n], g[len(g) - n:]
-        return skips + [caf(gs, ls) for caf, gs, ls in zip(self.fusions, g, self.local_branch(x))]
+        skips, stages = global_features[:len(global_features) - n], global_features[len(global_features) - n:]
+        return skips + [caf(g, loc) for caf, g, loc in zip(self.fusions, stages, local_features)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.fuse(self.global_branch(x, self.stem_skips), self.local_branch(x))

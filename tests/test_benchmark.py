@@ -115,7 +115,7 @@ def test_timed_run_from_plans_in_worker_processes(tmp_path):
     plans, arch = write_plans(tmp_path / "pre")
     out = tmp_path / "bench.json"
     rc = benchmark.main(["--plans", str(plans), "-c", "2d", "--device", "cpu", "--threads", "1", "--warmup", "0",
-                         "--repeats", "2", "--fwd-bwd", "--json", str(out)])
+                         "--repeats", "2", "--fwd-bwd", "--breakdown", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     # Patch, batch and the exact U-Net come from the plans, channels and classes from the dataset.json beside them.
@@ -138,6 +138,13 @@ def test_timed_run_from_plans_in_worker_processes(tmp_path):
     assert models["nnU-Net"]["ratio_train_step"] == 1.0 and models["nnU-Net"]["ratio_peak_mem"] == 1.0
     assert models["FIAS-T"]["ratio_train_step"] == pytest.approx(
         models["FIAS-T"]["train_step_ms"] / models["nnU-Net"]["train_step_ms"])
+    parts = {(r["model"], r["part"]): r for r in report["breakdown"]}
+    assert list(parts) == [("FIAS-T", p) for p in benchmark.FIAS_PARTS] + [("nnU-Net", p) for p in
+                                                                           benchmark.UNET_PARTS]
+    assert all(len(r["ms_samples"]) == 2 and r["ms"] > 0 for r in parts.values())
+    assert parts[("nnU-Net", "whole")]["ratio"] == 1.0
+    fias_whole = parts[("FIAS-T", "whole")]
+    assert fias_whole["ratio"] == pytest.approx(fias_whole["ms"] / parts[("nnU-Net", "whole")]["ms"])
 
 
 def test_failing_worker_is_reported_with_its_error():
@@ -156,6 +163,7 @@ def test_failing_worker_is_reported_with_its_error():
     (["--plans", "{tmp}/not_json.json"], "not a readable JSON file"),
     (["--patch", "100", "100"], "would use 112 112"),
     (["--patch", "64", "64", "--patch", "32", "32"], "only supported with --skip-timing"),
+    (["--skip-timing", "--breakdown"], "cannot be combined with --skip-timing"),
     (["--preset", "T,XL"], "presets are B, S, T"),
     (["--baselines", "nnunet,unetr"], "unknown unetr"),
     (["--batch", "0"], "--batch must be >= 1"),
@@ -295,3 +303,57 @@ def test_fias_alone_accepts_a_patch_nnunet_would_pad(tmp_path):
                            "--device", "cpu", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["model"] == "FIAS-T" and row["activation_mb"] > 0 and row["ratio_activation"] is None
+
+
+def _grads(module) -> bool:
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_breakdown_parts_backpropagate_through_their_part_only():
+    from nnunetv2_fias.benchmark.parts import part_steps
+
+    torch.manual_seed(0)
+    model = FIAS(1, 3, deep_supervision=True, checkpoint_stages=(0,))
+    enc = model.encoder
+    steps = part_steps("fias", model, torch.randn(2, 1, 64, 64))
+    assert tuple(steps) == benchmark.FIAS_PARTS
+    reached = {}
+    for name, run in steps.items():
+        run()
+        reached[name] = {part: _grads(m) for part, m in
+                         [("global", enc.global_branch), ("local", enc.local_branch), ("fusion", enc.fusions),
+                          ("decoder", model.decoder)]}
+    assert reached["global branch"] == {"global": True, "local": False, "fusion": False, "decoder": False}
+    assert reached["local branch"] == {"global": False, "local": True, "fusion": False, "decoder": False}
+    assert reached["fusion + decoder"] == {"global": False, "local": False, "fusion": True, "decoder": True}
+    assert all(reached[w] == dict.fromkeys(("global", "local", "fusion", "decoder"), True)
+               for w in ("whole", "whole, no recomputation"))
+    # The checkpointed stages are back after the run without recomputation.
+    assert enc.global_branch.checkpoint_stages == enc.local_branch.checkpoint_stages == frozenset({0})
+
+
+def test_breakdown_splits_nnunets_unet_into_encoder_and_decoder():
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnunetv2_fias.benchmark.parts import part_steps
+
+    arch = benchmark.default_nnunet_architecture((32, 32))
+    unet = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1,
+                                  3, deep_supervision=True)
+    steps = part_steps("nnunet", unet, torch.randn(2, 1, 32, 32))
+    assert tuple(steps) == benchmark.UNET_PARTS
+    steps["decoder"]()
+    assert _grads(unet.decoder) and not _grads(unet.encoder)
+    steps["encoder"]()
+    assert _grads(unet.encoder)
+
+
+def test_encoder_output_is_the_fusion_of_its_branches():
+    torch.manual_seed(0)
+    model = FIAS(1, 3, full_resolution_decoder=True).eval()  # with the stem's skips
+    enc, x = model.encoder, torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        fused = enc.fuse(enc.global_branch(x, enc.stem_skips), enc.local_branch(x))
+        expected = enc(x)
+    assert enc.stem_skips and len(fused) == len(expected) == 6
+    assert all(torch.equal(a, b) for a, b in zip(fused, expected))

@@ -28,21 +28,26 @@ for the larger presets). The nnU-Net baseline is ``PlainConvUNet`` built by ``ge
 ``ExperimentPlanner`` derives for the patch (``get_pool_and_conv_props`` with isotropic spacing, feature map edge
 >= 4, features ``min(32 * 2**i, 512)``, two convs per stage, InstanceNorm, LeakyReLU, deep supervision).
 
+``--breakdown`` also times forward + backward of each part of the networks on its own (:mod:`~.parts`): FIAS's
+global branch, local branch, fusion + decoder, whole and whole without recomputation; the U-Net's encoder, decoder
+and whole; each part's ratio is to the U-Net as a whole.
+
 ``--skip-timing`` only counts parameters, FLOPs and activation memory, in this process, for one or more ``--patch``
 sizes: the model-size table of docs/benchmarks.md.
 
 Modules: :mod:`~.models` (specs and model building), :mod:`~.worker` (the measuring process), :mod:`~.runner`
-(interleaved runs, size counts, tables), :mod:`~.memory` (activation memory), :mod:`~.cli` (arguments, main),
-:mod:`~.baselines` (reference attention formulations and their micro-benchmark).
+(interleaved runs, size counts, tables), :mod:`~.parts` (``--breakdown``), :mod:`~.predict` (``--predict``),
+:mod:`~.cli` (arguments, main), :mod:`~.baselines` (reference attention formulations and their micro-benchmark).
 """
 from nnunetv2_fias.benchmark.cli import BenchmarkConfig, build_parser, main, resolve
 from nnunetv2_fias.benchmark.models import (BASELINE_NAME, FIAS_TRAINERS, KNOWN_BASELINES, NNUNET_ARCH_CLASS,
                                             BenchmarkError, build_model, default_nnunet_architecture, fias_plans,
                                             loss_weights, model_specs, monai_available, output_sizes)
+from nnunetv2_fias.benchmark.parts import FIAS_PARTS, UNET_PARTS
 from nnunetv2_fias.benchmark.runner import format_report, format_sizes, run_sizes, run_timed
 from nnunetv2_fias.benchmark.worker import PROTOCOL_PREFIX, Worker, worker_main
 
-__all__ = ["BASELINE_NAME", "FIAS_TRAINERS", "KNOWN_BASELINES", "NNUNET_ARCH_CLASS", "PROTOCOL_PREFIX",
+__all__ = ["BASELINE_NAME", "FIAS_PARTS", "FIAS_TRAINERS", "UNET_PARTS", "KNOWN_BASELINES", "NNUNET_ARCH_CLASS", "PROTOCOL_PREFIX",
            "BenchmarkConfig", "BenchmarkError", "Worker", "build_model", "build_parser", "default_nnunet_architecture",
            "fias_plans", "format_report", "format_sizes", "loss_weights", "main", "model_specs", "monai_available",
            "output_sizes", "resolve", "run_sizes", "run_timed", "worker_main"]

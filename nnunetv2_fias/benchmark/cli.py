@@ -41,6 +41,7 @@ class BenchmarkConfig:
     plans: Path | None = None
     configuration: str = "2d"
     plans_arch: dict | None = None
+    breakdown: bool = False
 
     def architecture(self, patch) -> dict:
         """nnU-Net's U-Net for ``patch``: the plans' one, else what nnU-Net's 2D planner derives for the patch
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "20 on GPU)")
     run.add_argument("--fwd-bwd", action="store_true", help="also time forward + loss + backward without the "
                      "optimizer step (fwd_bwd_ms)")
+    run.add_argument("--breakdown", action="store_true", help="also time forward + backward of each part of the "
+                     "networks: FIAS's global branch, local branch, fusion + decoder, whole, and whole without "
+                     "recomputing its checkpointed stages; the U-Net's encoder, decoder and whole")
     run.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's default)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
     run.add_argument("--skip-timing", action="store_true", help="only parameters, GFLOPs (batch 1) and activation "
@@ -235,6 +239,8 @@ def resolve(args: argparse.Namespace) -> BenchmarkConfig:
     """Validate the parsed arguments and fill in defaults (from ``--plans`` where given); ``args`` is not changed."""
     if args.plans and args.patch:
         raise BenchmarkError("give either --plans (with -c) or --patch, not both")
+    if args.breakdown and args.skip_timing:
+        raise BenchmarkError("--breakdown times the parts of the networks; it cannot be combined with --skip-timing")
     _check_positive(args)
     presets, baselines = _presets(args.preset), _baselines(args.baselines)
     device = _device(args.device)
@@ -253,7 +259,8 @@ def resolve(args: argparse.Namespace) -> BenchmarkConfig:
         device=device, amp=args.amp, warmup=args.warmup,
         repeats=args.repeats or (20 if device.startswith("cuda") else 7),
         fwd_bwd=args.fwd_bwd, threads=args.threads, seed=args.seed, skip_timing=args.skip_timing, json=args.json,
-        plans=args.plans, configuration=args.configuration, plans_arch=plans.arch if plans else None)
+        plans=args.plans, configuration=args.configuration, plans_arch=plans.arch if plans else None,
+        breakdown=args.breakdown)
     for patch in patches:
         config.architecture(patch)  # raises for a patch nnU-Net's U-Net would pad
     return config

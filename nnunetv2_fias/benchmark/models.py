@@ -91,7 +91,8 @@ def model_specs(config, patch: Sequence[int], arch: dict | None) -> tuple[list[t
     for ``patch``.
     """
     common = dict(channels=config.channels, classes=config.classes, patch=list(patch), batch=config.batch,
-                  device=config.device, amp=config.amp, threads=config.threads, seed=config.seed)
+                  device=config.device, amp=config.amp, threads=config.threads, seed=config.seed,
+                  breakdown=config.breakdown)
     models = [(f"FIAS-{p}" if p in FIAS_TRAINERS else p, dict(common, kind="fias", preset=p, arch=arch))
               for p in config.presets]
     skipped = []

@@ -10,6 +10,7 @@ import statistics
 from typing import Sequence
 
 from nnunetv2_fias.benchmark.models import BASELINE_NAME, build_model, model_specs
+from nnunetv2_fias.benchmark.parts import format_breakdown, run_parts
 from nnunetv2_fias.benchmark.worker import Worker
 
 
@@ -33,7 +34,7 @@ def _ratio(value: float, base: dict | None, key: str) -> float | None:
 
 def _measure_workers(config, models: list[tuple[str, dict]], log) -> tuple:
     """Start one worker per model and run the interleaved timings; returns the workers, the train, infer and
-    fwd+bwd samples and each worker's final reply (peak and activation memory)."""
+    fwd+bwd samples, the ``--breakdown`` rows and each worker's final reply (peak and activation memory)."""
     workers: list[Worker] = []
     try:
         for name, spec in models:
@@ -48,12 +49,17 @@ def _measure_workers(config, models: list[tuple[str, dict]], log) -> tuple:
             log(f"timing {config.warmup} warm-up + {config.repeats} forward+backward passes per model, "
                 "interleaved ...")
             fwd_bwd = interleaved(workers, "fwd_bwd", config.warmup, config.repeats)
+        breakdown = None
+        if config.breakdown:
+            log(f"timing {config.warmup} warm-up + {config.repeats} forward+backward passes of each part per model, "
+                "interleaved ...")
+            breakdown = run_parts(workers, config.warmup, config.repeats)
         log("measuring the activation memory of one training forward pass per model ...")
         final = {w.name: w.request("quit") for w in workers}
     finally:
         for w in workers:
             w.close()
-    return workers, train, infer, fwd_bwd, final
+    return workers, train, infer, fwd_bwd, breakdown, final
 
 
 def run_timed(config, log=print) -> dict:
@@ -64,7 +70,7 @@ def run_timed(config, log=print) -> dict:
     models, skipped = model_specs(config, patch, config.architecture(patch))
     for s in skipped:
         log(f"skipping {s['model']}: {s['reason']}")
-    workers, train, infer, fwd_bwd, final = _measure_workers(config, models, log)
+    workers, train, infer, fwd_bwd, breakdown, final = _measure_workers(config, models, log)
     results = []
     for w in workers:
         results.append({
@@ -94,6 +100,7 @@ def run_timed(config, log=print) -> dict:
     return {
         "baseline": BASELINE_NAME if baseline else None,
         "results": results,
+        "breakdown": breakdown,
         "skipped": skipped,
         "device": device_name(config.device),
         "patch": list(patch),
@@ -178,6 +185,8 @@ def format_report(report: dict) -> str:
             row += f" {_cell(r.get('fwd_bwd_ms'), '.1f')} | {_cell(r.get('ratio_fwd_bwd'), '.2f')} |"
         lines.append(row + f" {r['infer_ms']:.1f} | {r['peak_mem_mb']:.0f} | {_cell(r['ratio_peak_mem'], '.2f')} | "
                            f"{r['activation_mb']:.1f} | {_cell(r['ratio_activation'], '.2f')} |")
+    if report.get("breakdown"):
+        lines += ["", format_breakdown(report["breakdown"], report["baseline"])]
     return "\n".join(lines)
 
 

@@ -59,7 +59,8 @@ def _training_loss(spec: dict, model, labels):
 
 
 def _timed_steps(spec: dict, model, device) -> tuple[dict, object]:
-    """``{"train", "fwd_bwd", "infer"}`` step functions on a fixed random batch, and that batch's input."""
+    """``{"train", "fwd_bwd", "infer"}`` step functions on a fixed random batch (with ``spec["breakdown"]`` also
+    ``"part:NAME"`` per part of the model, see :mod:`.parts`), and that batch's input."""
     import torch
 
     from nnunetv2_fias.architectures.measure import set_deep_supervision
@@ -94,7 +95,12 @@ def _timed_steps(spec: dict, model, device) -> tuple[dict, object]:
         with torch.inference_mode(), autocast():
             model(x_infer)
 
-    return {"train": train_step, "fwd_bwd": fwd_bwd_step, "infer": infer_step}, x
+    steps = {"train": train_step, "fwd_bwd": fwd_bwd_step, "infer": infer_step}
+    if spec.get("breakdown"):
+        from nnunetv2_fias.benchmark.parts import part_steps
+
+        steps.update({f"part:{name}": run for name, run in part_steps(spec["kind"], model, x, autocast).items()})
+    return steps, x
 
 
 def _serve(steps: dict, device) -> None:
@@ -122,7 +128,7 @@ def _serve(steps: dict, device) -> None:
 def worker_main(spec: dict) -> int:
     """One model in its own process: report size and FLOPs, then run timed steps on request from stdin.
 
-    Commands (one per line): ``train``, ``fwd_bwd``, ``infer`` (each answered with ``{"ms": wall, "cpu_ms": process
+    Commands (one per line): ``train``, ``fwd_bwd``, ``infer``, ``part:NAME`` (each answered with ``{"ms": wall, "cpu_ms": process
     CPU}``) and ``quit``, answered with the peak memory and then the activation memory of one training forward pass
     (measured last, so that its float32 forward does not enter the peak of an ``--amp`` run).
     """
@@ -140,7 +146,8 @@ def worker_main(spec: dict) -> int:
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = count_flops(model, spec["channels"], spec["patch"], device)
     steps, x = _timed_steps(spec, model, device)
-    _send({"ready": True, "params": params, "flops": flops, "base_mem_mb": base_mem})
+    parts = [name[len("part:"):] for name in steps if name.startswith("part:")]
+    _send({"ready": True, "params": params, "flops": flops, "base_mem_mb": base_mem, "parts": parts})
     _serve(steps, device)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else _peak_rss_mb()
     _send({"peak_mem_mb": peak, "activation_mb": saved_activation_mb(model, x)})

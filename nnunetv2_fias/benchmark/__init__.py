@@ -47,7 +47,7 @@ from nnunetv2_fias.benchmark.parts import FIAS_PARTS, UNET_PARTS
 from nnunetv2_fias.benchmark.runner import format_report, format_sizes, run_sizes, run_timed
 from nnunetv2_fias.benchmark.worker import PROTOCOL_PREFIX, Worker, worker_main
 
-__all__ = ["BASELINE_NAME", "FIAS_PARTS", "FIAS_TRAINERS", "UNET_PARTS", "KNOWN_BASELINES", "NNUNET_ARCH_CLASS", "PROTOCOL_PREFIX",
-           "BenchmarkConfig", "BenchmarkError", "Worker", "build_model", "build_parser", "default_nnunet_architecture",
+__all__ = ["BASELINE_NAME", "FIAS_PARTS", "FIAS_TRAINERS", "KNOWN_BASELINES", "NNUNET_ARCH_CLASS", "PROTOCOL_PREFIX",
+           "UNET_PARTS", "BenchmarkConfig", "BenchmarkError", "Worker", "build_model", "build_parser", "default_nnunet_architecture",
            "fias_plans", "format_report", "format_sizes", "loss_weights", "main", "model_specs", "monai_available",
            "output_sizes", "resolve", "run_sizes", "run_timed", "worker_main"]

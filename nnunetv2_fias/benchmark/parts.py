@@ -61,6 +61,8 @@ def part_steps(kind: str, model, x, autocast: Callable = contextlib.nullcontext)
             _backward(outputs)
         return run
 
+    model.train()  # the decoder parts' inputs come from the encoder as training computes them
+    set_deep_supervision(model, True)
     if kind == "fias":
         enc = model.encoder
         with torch.no_grad(), autocast():

@@ -48,6 +48,6 @@ from nnunetv2_fias.benchmark.runner import format_report, format_sizes, run_size
 from nnunetv2_fias.benchmark.worker import PROTOCOL_PREFIX, Worker, worker_main
 
 __all__ = ["BASELINE_NAME", "FIAS_PARTS", "FIAS_TRAINERS", "KNOWN_BASELINES", "NNUNET_ARCH_CLASS", "PROTOCOL_PREFIX",
-           "UNET_PARTS", "BenchmarkConfig", "BenchmarkError", "Worker", "build_model", "build_parser", "default_nnunet_architecture",
-           "fias_plans", "format_report", "format_sizes", "loss_weights", "main", "model_specs", "monai_available",
-           "output_sizes", "resolve", "run_sizes", "run_timed", "worker_main"]
+           "UNET_PARTS", "BenchmarkConfig", "BenchmarkError", "Worker", "build_model", "build_parser",
+           "default_nnunet_architecture", "fias_plans", "format_report", "format_sizes", "loss_weights", "main",
+           "model_specs", "monai_available", "output_sizes", "resolve", "run_sizes", "run_timed", "worker_main"]

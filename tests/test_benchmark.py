@@ -357,3 +357,19 @@ def test_encoder_output_is_the_fusion_of_its_branches():
         expected = enc(x)
     assert enc.stem_skips and len(fused) == len(expected) == 6
     assert all(torch.equal(a, b) for a, b in zip(fused, expected))
+
+
+def test_worker_builds_the_parts_only_when_asked_and_reports_its_peak_on_request():
+    spec = dict(kind="nnunet", channels=1, classes=2, patch=[32, 32], batch=1, device="cpu", amp=False, threads=1,
+                seed=0, arch=benchmark.default_nnunet_architecture((32, 32)))
+    worker = benchmark.Worker("unet", spec)
+    try:
+        with pytest.raises(benchmark.BenchmarkError, match="unknown command 'part:whole'"):
+            worker.request("part:whole")
+        assert worker.request("peak")["peak_mem_mb"] >= worker.info["base_mem_mb"] > 0
+        assert worker.request("parts") == {"parts": list(benchmark.UNET_PARTS)}
+        assert worker.request("part:decoder")["ms"] > 0
+        final = worker.request("quit")
+        assert final["peak_mem_mb"] > 0 and final["activation_mb"] > 0
+    finally:
+        worker.close()

@@ -91,8 +91,7 @@ def model_specs(config, patch: Sequence[int], arch: dict | None) -> tuple[list[t
     for ``patch``.
     """
     common = dict(channels=config.channels, classes=config.classes, patch=list(patch), batch=config.batch,
-                  device=config.device, amp=config.amp, threads=config.threads, seed=config.seed,
-                  breakdown=config.breakdown)
+                  device=config.device, amp=config.amp, threads=config.threads, seed=config.seed)
     models = [(f"FIAS-{p}" if p in FIAS_TRAINERS else p, dict(common, kind="fias", preset=p, arch=arch))
               for p in config.presets]
     skipped = []

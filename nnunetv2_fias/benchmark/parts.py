@@ -87,14 +87,16 @@ def part_steps(kind: str, model, x, autocast: Callable = contextlib.nullcontext)
 
 
 def run_parts(workers: Sequence, warmup: int, repeats: int) -> list[dict]:
-    """Time every part of every worker's model (``warmup + repeats`` rounds, the workers' order rotating each round,
-    a model's parts one after another); one row per part with the median and its ratio to the U-Net as a whole."""
+    """Have every worker build its model's parts, then time them (``warmup + repeats`` rounds, the workers' order
+    rotating each round, a model's parts one after another); one row per part with the median and its ratio to the
+    U-Net as a whole."""
     workers = list(workers)
-    samples = {(w.name, part): [] for w in workers for part in w.info.get("parts", ())}
+    parts = {w.name: w.request("parts")["parts"] for w in workers}
+    samples = {(w.name, part): [] for w in workers for part in parts[w.name]}
     for r in range(warmup + repeats):
         shift = r % len(workers)
         for w in workers[shift:] + workers[:shift]:
-            for part in w.info.get("parts", ()):
+            for part in parts[w.name]:
                 reply = w.request(f"part:{part}")
                 if r >= warmup:
                     samples[(w.name, part)].append(reply["ms"])

@@ -49,13 +49,15 @@ def _measure_workers(config, models: list[tuple[str, dict]], log) -> tuple:
             log(f"timing {config.warmup} warm-up + {config.repeats} forward+backward passes per model, "
                 "interleaved ...")
             fwd_bwd = interleaved(workers, "fwd_bwd", config.warmup, config.repeats)
-        breakdown = None
-        if config.breakdown:
+        breakdown = peaks = None
+        if config.breakdown:  # the main table's peak memory is the one before the parts ran
+            peaks = {w.name: w.request("peak")["peak_mem_mb"] for w in workers}
             log(f"timing {config.warmup} warm-up + {config.repeats} forward+backward passes of each part per model, "
                 "interleaved ...")
             breakdown = run_parts(workers, config.warmup, config.repeats)
         log("measuring the activation memory of one training forward pass per model ...")
-        final = {w.name: w.request("quit") for w in workers}
+        final = {w.name: {**w.request("quit"), **({"peak_mem_mb": peaks[w.name]} if peaks else {})}
+                 for w in workers}
     finally:
         for w in workers:
             w.close()

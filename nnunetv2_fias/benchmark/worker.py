@@ -59,8 +59,7 @@ def _training_loss(spec: dict, model, labels):
 
 
 def _timed_steps(spec: dict, model, device) -> tuple[dict, object]:
-    """``{"train", "fwd_bwd", "infer"}`` step functions on a fixed random batch (with ``spec["breakdown"]`` also
-    ``"part:NAME"`` per part of the model, see :mod:`.parts`), and that batch's input."""
+    """``{"train", "fwd_bwd", "infer"}`` step functions on a fixed random batch, and that batch's input."""
     import torch
 
     from nnunetv2_fias.architectures.measure import set_deep_supervision
@@ -71,10 +70,7 @@ def _timed_steps(spec: dict, model, device) -> tuple[dict, object]:
     loss, target = _training_loss(spec, model, labels)
     opt, clip = optimizer(model, spec["kind"])
     x_infer = x[:1].clone()
-    amp = bool(spec.get("amp"))
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    autocast = _autocast(spec, device)
 
     def fwd_bwd_step():
         model.train()
@@ -95,16 +91,39 @@ def _timed_steps(spec: dict, model, device) -> tuple[dict, object]:
         with torch.inference_mode(), autocast():
             model(x_infer)
 
-    steps = {"train": train_step, "fwd_bwd": fwd_bwd_step, "infer": infer_step}
-    if spec.get("breakdown"):
+    return {"train": train_step, "fwd_bwd": fwd_bwd_step, "infer": infer_step}, x
+
+
+def _autocast(spec: dict, device):
+    """A factory of the context the model runs in: bf16 autocast with ``spec["amp"]``, else nothing."""
+    import torch
+
+    amp = bool(spec.get("amp"))
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+def _peak_mem_mb(device) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else _peak_rss_mb()
+
+
+def _controls(spec: dict, model, x, steps: dict, device) -> dict:
+    """The untimed commands: ``peak`` (the peak memory so far) and ``parts``, which adds a ``part:NAME`` step per
+    part of the model (:mod:`.parts`) and answers with the names. The parts are built only when asked for, so that
+    what they hold and run never enters the peak of the main table."""
+    def add_parts() -> dict:
         from nnunetv2_fias.benchmark.parts import part_steps
 
-        steps.update({f"part:{name}": run for name, run in part_steps(spec["kind"], model, x, autocast).items()})
-    return steps, x
+        parts = part_steps(spec["kind"], model, x, _autocast(spec, device))
+        steps.update({f"part:{name}": run for name, run in parts.items()})
+        return {"parts": list(parts)}
+
+    return {"peak": lambda: {"peak_mem_mb": _peak_mem_mb(device)}, "parts": add_parts}
 
 
-def _serve(steps: dict, device) -> None:
-    """Answer timing commands from stdin until ``quit``."""
+def _serve(steps: dict, controls: dict, device) -> None:
+    """Answer timing and control commands from stdin until ``quit``."""
     import torch
 
     def sync():
@@ -115,6 +134,9 @@ def _serve(steps: dict, device) -> None:
         command = line.strip()
         if command == "quit":
             break
+        if command in controls:
+            _send(controls[command]())
+            continue
         if command not in steps:
             _send({"error": f"unknown command {command!r}"})
             continue
@@ -128,9 +150,10 @@ def _serve(steps: dict, device) -> None:
 def worker_main(spec: dict) -> int:
     """One model in its own process: report size and FLOPs, then run timed steps on request from stdin.
 
-    Commands (one per line): ``train``, ``fwd_bwd``, ``infer``, ``part:NAME`` (each answered with ``{"ms": wall, "cpu_ms": process
-    CPU}``) and ``quit``, answered with the peak memory and then the activation memory of one training forward pass
-    (measured last, so that its float32 forward does not enter the peak of an ``--amp`` run).
+    Commands (one per line): ``train``, ``fwd_bwd``, ``infer`` and, after ``parts``, ``part:NAME`` (each answered
+    with ``{"ms": wall, "cpu_ms": process CPU}``); ``peak`` and ``parts`` (see :func:`_controls`); ``quit``,
+    answered with the peak memory and then the activation memory of one training forward pass (measured last, so
+    that its float32 forward does not enter the peak of an ``--amp`` run).
     """
     import torch
 
@@ -146,11 +169,9 @@ def worker_main(spec: dict) -> int:
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = count_flops(model, spec["channels"], spec["patch"], device)
     steps, x = _timed_steps(spec, model, device)
-    parts = [name[len("part:"):] for name in steps if name.startswith("part:")]
-    _send({"ready": True, "params": params, "flops": flops, "base_mem_mb": base_mem, "parts": parts})
-    _serve(steps, device)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else _peak_rss_mb()
-    _send({"peak_mem_mb": peak, "activation_mb": saved_activation_mb(model, x)})
+    _send({"ready": True, "params": params, "flops": flops, "base_mem_mb": base_mem})
+    _serve(steps, _controls(spec, model, x, steps, device), device)
+    _send({"peak_mem_mb": _peak_mem_mb(device), "activation_mb": saved_activation_mb(model, x)})
     return 0
 
 

@@ -14,6 +14,7 @@ import statistics
 from typing import Callable, Sequence
 
 from nnunetv2_fias.benchmark.models import BASELINE_NAME
+from nnunetv2_fias.benchmark.worker import rotating_rounds
 
 WHOLE = "whole"
 FIAS_PARTS = ("global branch", "local branch", "fusion + decoder", WHOLE, "whole, no recomputation")
@@ -93,13 +94,11 @@ def run_parts(workers: Sequence, warmup: int, repeats: int) -> list[dict]:
     workers = list(workers)
     parts = {w.name: w.request("parts")["parts"] for w in workers}
     samples = {(w.name, part): [] for w in workers for part in parts[w.name]}
-    for r in range(warmup + repeats):
-        shift = r % len(workers)
-        for w in workers[shift:] + workers[:shift]:
-            for part in parts[w.name]:
-                reply = w.request(f"part:{part}")
-                if r >= warmup:
-                    samples[(w.name, part)].append(reply["ms"])
+    for r, w in rotating_rounds(workers, warmup + repeats):
+        for part in parts[w.name]:
+            reply = w.request(f"part:{part}")
+            if r >= warmup:
+                samples[(w.name, part)].append(reply["ms"])
     rows = [{"model": model, "part": part, "ms": statistics.median(ms), "ms_samples": ms}
             for (model, part), ms in samples.items()]
     base = next((r["ms"] for r in rows if r["model"] == BASELINE_NAME and r["part"] == WHOLE), None)

@@ -11,20 +11,18 @@ from typing import Sequence
 
 from nnunetv2_fias.benchmark.models import BASELINE_NAME, build_model, model_specs
 from nnunetv2_fias.benchmark.parts import format_breakdown, run_parts
-from nnunetv2_fias.benchmark.worker import Worker
+from nnunetv2_fias.benchmark.worker import Worker, rotating_rounds
 
 
 def interleaved(workers: Sequence[Worker], command: str, warmup: int, repeats: int) -> dict[str, dict[str, list]]:
     """Run ``warmup + repeats`` rounds of one ``command`` per worker, rotating the order every round."""
     workers = list(workers)
     samples = {w.name: {"ms": [], "cpu_ms": []} for w in workers}
-    for r in range(warmup + repeats):
-        shift = r % len(workers)
-        for w in workers[shift:] + workers[:shift]:
-            reply = w.request(command)
-            if r >= warmup:
-                samples[w.name]["ms"].append(reply["ms"])
-                samples[w.name]["cpu_ms"].append(reply["cpu_ms"])
+    for r, w in rotating_rounds(workers, warmup + repeats):
+        reply = w.request(command)
+        if r >= warmup:
+            samples[w.name]["ms"].append(reply["ms"])
+            samples[w.name]["cpu_ms"].append(reply["cpu_ms"])
     return samples
 
 
@@ -56,8 +54,9 @@ def _measure_workers(config, models: list[tuple[str, dict]], log) -> tuple:
                 "interleaved ...")
             breakdown = run_parts(workers, config.warmup, config.repeats)
         log("measuring the activation memory of one training forward pass per model ...")
-        final = {w.name: {**w.request("quit"), **({"peak_mem_mb": peaks[w.name]} if peaks else {})}
-                 for w in workers}
+        final = {w.name: w.request("quit") for w in workers}
+        for name, peak in (peaks or {}).items():
+            final[name]["peak_mem_mb"] = peak
     finally:
         for w in workers:
             w.close()

@@ -175,6 +175,15 @@ def worker_main(spec: dict) -> int:
     return 0
 
 
+def rotating_rounds(workers: list, rounds: int):
+    """``(round, worker)`` over ``rounds`` rounds of ``workers``, the order rotating every round, so that a busy
+    machine slows every model alike."""
+    for r in range(rounds):
+        shift = r % len(workers)
+        for w in workers[shift:] + workers[:shift]:
+            yield r, w
+
+
 class Worker:
     """Parent-side handle of one worker process."""
 
